@@ -165,6 +165,13 @@ def load_seeds(path):
     return seeds
 
 
+def split_seeds(seeds, n_eval, seed):
+    """(held-out, few-shot pool): a fixed random split. Held-out tasks are never shown as
+    examples, so the per-round evaluation measures tasks the model never imitated."""
+    order = random.Random(seed_for(seed, "split")).sample(range(len(seeds)), len(seeds))
+    return [seeds[i] for i in order[:n_eval]], [seeds[i] for i in order[n_eval:]]
+
+
 # -----------------------------------------------------------------------------
 # Rules and ROUGE-L. One small function per rule, each returns True when the item is bad.
 
@@ -323,15 +330,83 @@ def stop_token_ids(tok, model):
 
 def length_batches(prompts, max_new_tokens, batch_tokens):
     """Indices of prompts in batches, longest first, each batch's rows x (longest prompt +
-    max_new_tokens) within batch_tokens. Depends only on the prompts: resumable, rank-free."""
+    max_new_tokens) within batch_tokens, and no prompt padded to more than 1.5x its length (+32):
+    prefill costs as much per pad token as per real one. Depends only on the prompts:
+    resumable and the same for any number of ranks."""
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     batches = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * (len(prompts[batches[-1][0]]) + max_new_tokens) <= batch_tokens:
+        width = len(prompts[batches[-1][0]]) if batches else 0
+        if batches and (len(batches[-1]) + 1) * (width + max_new_tokens) <= batch_tokens and width <= 1.5 * len(prompts[i]) + 32:
             batches[-1].append(i)
         else:
             batches.append([i])
     return batches
+
+
+def batch_token_budget(model, args):
+    """--gen-batch-tokens, else 8192 on CPU, else what half of the GPU memory left beside the
+    weights holds as KV cache: 2 (K, V) x layers x kv_heads x head_dim x bytes per token, /N under --tp.
+    (Qwen1.5-72B: 2.6 MB a token; Qwen1.5-7B: 0.5 MB; SmolLM2-135M: 23 kB.)"""
+    if args.gen_batch_tokens or model.device.type != "cuda":
+        return args.gen_batch_tokens or 8192
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    shards = torch.distributed.get_world_size() if args.tp else 1
+    weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards
+    free = torch.cuda.get_device_properties(model.device).total_memory - weights
+    return max(2048, int(0.5 * free / (per_token / shards)))
+
+
+def sample(logits, temperature, top_p):
+    """Next tokens from last-position logits: greedy at temperature 0, else nucleus sampling
+    (the smallest set of tokens whose probability reaches top_p; no top-k, as in the paper)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0   # mass before it already >= top_p
+    return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+
+
+def decode(model, tok, ids, mask, *, max_new_tokens, temperature, top_p, eos, stop_strings=()):
+    """Token-by-token decoding of a left-padded batch with a KV cache. A row that ends (EOS, a
+    stop string, the length cap) leaves the batch and the cache at once, so the long tail of a
+    batch runs on the rows still writing, not on all of them. Returns (new tokens, finished) per row."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    alive = list(range(len(ids)))            # batch row -> original row
+    new, finished = [[] for _ in alive], [False] * len(alive)
+    next_pos = positions[:, -1] + 1
+    eos = torch.tensor(eos, device=ids.device)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_p)
+        ended = torch.isin(token, eos).tolist()   # a CPU-GPU sync point, once a step
+        keep = []
+        for r, t in enumerate(token.tolist()):
+            row = new[alive[r]]
+            row.append(t)
+            if ended[r] or any(s in tok.decode(row[-8:]) for s in stop_strings):
+                finished[alive[r]] = True
+            elif step + 1 < max_new_tokens:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(alive):            # drop finished rows from the batch and the KV cache
+            index = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(index)
+            mask, token, next_pos = mask[index], token[index], next_pos[index]
+            alive = [alive[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       cache=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return new, finished
 
 
 @torch.no_grad()
@@ -344,17 +419,12 @@ def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top
     for every rank. Every rank makes the same calls to gather_object, so none can hang."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     done = done or {}
     eos = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else None,
-                              top_p=top_p if temperature > 0 else None, top_k=0,
-                              eos_token_id=eos, pad_token_id=pad,
-                              stop_strings=list(stop_strings) or None)
-    batches = [(b, batch) for b, batch in enumerate(length_batches(prompts, max_new_tokens, args.gen_batch_tokens))
+    budget = batch_token_budget(model, args)
+    batches = [(b, batch) for b, batch in enumerate(length_batches(prompts, max_new_tokens, budget))
                if not all(i in done for i in batch)]
     # With --tp every rank holds a slice of every layer and must run the same batch.
     world, rank = (1, 0) if args.tp else (acc.num_processes, acc.process_index)
@@ -372,15 +442,13 @@ def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
             torch.manual_seed(seed_for(seed, b))
-            new = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 generation_config=config, tokenizer=tok if stop_strings else None)
-            for row, i in zip(new[:, width:].tolist(), batch):
-                ended = next((k for k, t in enumerate(row) if t in eos), None)
-                text = tok.decode(row[:ended], skip_special_tokens=True)
+            new, finished = decode(model, tok, ids.to(model.device), mask.to(model.device), eos=eos,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   stop_strings=stop_strings)
+            for row, end, i in zip(new, finished, batch):
+                text = tok.decode(row, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                out[i] = dict(text=text if cut < 0 else text[:cut],
-                              tokens=len(row) if ended is None else ended + 1,
-                              finished=ended is not None or cut >= 0)
+                out[i] = dict(text=text if cut < 0 else text[:cut], tokens=len(row), finished=end)
         if world > 1:
             out = {i: r for part in gather_object([out]) for i, r in part.items()}
         n_tokens += sum(r["tokens"] for r in out.values())
@@ -669,7 +737,7 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd):
             step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
             by_length = sorted(step, key=lambda i: len(examples[i][0]))
             share = by_length[rank::world]
-            micro = [share[k::accum] for k in range(accum)]
+            micro = [share[k * len(share) // accum:(k + 1) * len(share) // accum] for k in range(accum)]
             step_loss = torch.zeros((), device=acc.device)
             for batch in micro:
                 weight = 1.0 if batch else 0.0   # an empty share still joins the collectives
@@ -860,6 +928,59 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     return stats
 
 
+@torch.no_grad()
+def heldout_nll(model, tok, seeds, max_len):
+    """Mean per-token negative log-likelihood of the seeds' own reference outputs (+ EOS):
+    judge-free and deterministic. Token-weighted over all held-out seeds."""
+    total, count = 0.0, 0
+    for s in seeds:
+        example = tokenize_pair(tok, s, max_len) if s["output"] else None
+        if example is None:
+            continue
+        ids, labels = (torch.tensor([x], device=model.device) for x in example)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
+    """Held-out evaluation of round rnd's model (round 0: the base model). It answers the held-out
+    seed tasks greedily in the training format; the base model judges the answers (a fixed judge,
+    so rounds compare); and the NLL of the seeds' reference outputs is measured."""
+    rdir = Path(args.out) / f"round_{rnd}"
+    path = rdir / "eval.json"
+    saved = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
+    if saved is not None:
+        return saved
+    if acc.is_main_process:
+        rdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = load_model(ref, args, acc)
+    prompts = [encode_prompt(tok, format_prompt(tok, s["instruction"], s["input"])) for s in heldout]
+    answers = generate_stage(rdir / "eval_answers.raw.jsonl", model, tok, prompts, acc=acc, args=args,
+                             desc=f"round {rnd} eval", max_new_tokens=args.max_new_tokens, temperature=0, top_p=1.0,
+                             seed=(args.seed, rnd, "eval"))
+    nll = heldout_nll(model, tok, heldout, args.max_len)
+    if ref != base_ref:
+        del model
+        free_memory(acc)
+        model = load_model(base_ref, args, acc)
+    pairs = [dict(s, output=a["text"].strip()) for s, a in zip(heldout, answers)]
+    scored = self_assess(model, tok, pairs, rdir / "eval_scores.raw.jsonl", acc=acc, args=args, rnd=rnd,
+                         aspects=["quality", "adherence"], desc=f"round {rnd} eval judge")
+    del model
+    free_memory(acc)
+    result = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1))
+    for key, name in [("quality_score", "eval_quality"), ("following_score", "eval_adherence")]:
+        vals = [p[key] for p in scored if p[key] is not None]
+        result[name] = round(sum(vals) / len(vals), 2) if vals else None
+        result[name + "_parsed"] = round(len(vals) / len(scored), 2)
+    if acc.is_main_process:
+        write_atomic(path, json.dumps(result, indent=1))
+    return result
+
+
 def score_summary(scored):
     """Mean scores and the share of pairs scoring above 8 (the paper's Figure 4)."""
     out = {}
@@ -883,12 +1004,13 @@ def empty_round_message(rnd, stats, args):
 
 
 FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
-TABLE = FUNNEL + ["mean_quality_score", "mean_following_score", "share_quality_score_above_8", "last_loss"]
+TABLE = FUNNEL + ["mean_quality_score", "mean_following_score", "share_quality_score_above_8", "last_loss",
+                  "eval_quality", "eval_adherence", "eval_nll"]
 
 
 def print_table(rows):
-    short = dict(mean_quality_score="quality", mean_following_score="adherence",
-                 share_quality_score_above_8="q>8", last_loss="loss", response_rules="resp_rules")
+    short = dict(mean_quality_score="quality", mean_following_score="adherence", share_quality_score_above_8="q>8",
+                 last_loss="loss", response_rules="resp_rules", eval_quality="ev_qual", eval_adherence="ev_adh")
     cols = ["round"] + [c for c in TABLE if any(c in r for r in rows)] + ["minutes"]
     cells = [[str(r.get(c, "")) for c in cols[:-1]] + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"]
              for r in rows]
@@ -928,7 +1050,8 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
-    g.add_argument("--gen-batch-tokens", type=int, help="token budget of a generation batch, rows x (prompt + new) (default: 8192 on CPU, 262144 on GPU)")
+    g.add_argument("--gen-batch-tokens", type=int, help="token budget of a generation batch, rows x (prompt + new) "
+                                                        "(default: 8192 on CPU; on GPU, what half the memory beside the weights holds as KV cache)")
     g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
     g = p.add_argument_group("SFT")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after training; 0 = full fine-tuning (paper: LoRA)")
@@ -960,7 +1083,6 @@ def parse_args(argv=None):
             p.error(msg)
     args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
     args.synth_max_new_tokens = args.synth_max_new_tokens or 2 * args.max_new_tokens
-    args.gen_batch_tokens = args.gen_batch_tokens or (262144 if torch.cuda.is_available() else 8192)
     return args
 
 
@@ -986,7 +1108,7 @@ def check_run_identity(args, acc):
                 + ". Pass --overwrite to delete it and start over, or choose a new --out.")
         if args.overwrite and acc.is_main_process:
             for child in out.iterdir():   # only what an isheep run writes
-                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl"):
+                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl", "heldout.jsonl"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -1004,25 +1126,28 @@ def main(argv=None):
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
     check_run_identity(args, acc)
-    rng = random.Random(seed_for(args.seed, "split"))
-    order = rng.sample(range(len(seeds)), len(seeds))
     n_eval = args.eval_size if args.eval_size is not None else max(8, len(seeds) // 10)
-    n_eval = min(n_eval, len(seeds) - FEW_SHOT)
-    pool = [seeds[i] for i in order[n_eval:]]
+    heldout, pool = split_seeds(seeds, min(n_eval, len(seeds) - FEW_SHOT), args.seed)
+    if acc.is_main_process:
+        write_jsonl(Path(args.out) / "heldout.jsonl", heldout)
     print0(f"isheep: {'CPU demo, ' if not args.model else ''}model {base_ref[1] or base_ref[0]}, {args.iters} rounds x "
            f"{args.num_instructions} instructions, threshold {args.threshold:g} ({args.assess}), judge {args.judge}, "
            f"train {args.train_from} on {args.train_data} data, "
            f"{'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, "
            f"{acc.num_processes} process(es) on {acc.device}{' with --tp' if args.tp else ''}; "
            f"{len(pool)} seeds for few-shot, {n_eval} held out; output in {args.out}/")
-    rounds = []
+    rounds = [dict(round=0, **evaluate(0, base_ref, base_ref, tok, heldout, acc=acc, args=args))] if heldout else []
     for rnd in range(1, args.iters + 1):
         stats = run_iteration(rnd, base_ref, tok, seeds, pool, acc=acc, args=args)
+        if heldout:
+            stats.update(evaluate(rnd, (str(Path(args.out) / f"round_{rnd}" / "model"), None), base_ref, tok, heldout,
+                                  acc=acc, args=args))
         rounds.append(stats)
         if acc.is_main_process:
             write_jsonl(Path(args.out) / "metrics.jsonl", rounds)
         print0(f"round {rnd}: " + ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
-               + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}")
+               + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}"
+               + (f", held-out quality {stats['eval_quality']}, NLL {stats['eval_nll']}" if heldout else ""))
     print0()
     print_table(rounds)
     acc.end_training()

@@ -117,7 +117,7 @@ def run_cli(out, *flags, model=None, launch=None, timeout=600):
 
 TINY_ROUND = ["--seeds", str(SEEDS), "--iters", "1", "--num-instructions", "6", "--max-attempts", "6",
               "--max-new-tokens", "24", "--synth-max-new-tokens", "120", "--lora-rank", "4", "--batch-size", "4",
-              "--epochs", "1", "--warmup-steps", "1", "--lr", "1e-3", "--max-len", "1024"]
+              "--epochs", "1", "--warmup-steps", "1", "--lr", "1e-3", "--max-len", "1024", "--eval-size", "0"]
 
 
 # -----------------------------------------------------------------------------
@@ -555,3 +555,110 @@ def test_nothing_survives_the_filter(tiny, tmp_path):
     r = run_cli(tmp_path / "run", *TINY_ROUND, "--temperature", "0", "--threshold", "10", model=tiny)
     assert r.returncode == 1 and "nothing left to train on" in r.stderr and "--threshold" in r.stderr
     assert "Traceback" not in r.stderr and (tmp_path / "run" / "round_1" / "scored.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# Resume: kill -9 in the middle of any stage, rerun, and end with the same data
+
+RESUME = [*TINY_ROUND, "--num-instructions", "10", "--max-attempts", "10", "--temperature", "1.0",
+          "--gen-batch-tokens", "200", "--epochs", "6", "--eval-size", "8"]   # one row a batch: stages take a while
+
+
+def line_count(path):
+    return path.exists() and len(path.read_text().splitlines())
+
+
+STAGES = {   # a stage is running when its partial file has grown and its result is not written yet
+    "instructions": lambda rd: line_count(rd / "instructions.raw.jsonl") and not (rd / "instructions.jsonl").exists(),
+    "responses": lambda rd: line_count(rd / "responses.raw.jsonl") and not (rd / "responses.jsonl").exists(),
+    "judge": lambda rd: line_count(rd / "scored.raw.jsonl") and not (rd / "scored.jsonl").exists(),
+    "sft": lambda rd: (rd / "train.jsonl").exists() and not (rd / "model").exists(),
+    "eval": lambda rd: line_count(rd / "eval_answers.raw.jsonl") and not (rd / "eval.json").exists(),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    r = run_cli(out, *RESUME, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill_during_a_stage_then_resume_gives_the_same_data(stage, tiny, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "isheep.py"), "--out", str(out), "--no-progress", "--model", str(tiny), *RESUME]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed, deadline = False, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if STAGES[stage](out / "round_1"):
+            proc.kill()   # SIGKILL: no cleanup of any kind
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed, f"the run ended before the {stage} stage could be interrupted"
+    r = run_cli(out, *RESUME, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ["instructions.jsonl", "responses.jsonl", "scored.jsonl", "train.jsonl"]:
+        assert isheep.read_jsonl(out / "round_1" / name) == isheep.read_jsonl(uninterrupted / "round_1" / name), name
+    for name in ["round_1/eval.json", "round_0/eval.json"]:
+        a, b = (json.loads((d / name).read_text()) for d in (out, uninterrupted))
+        assert {k: v for k, v in a.items() if k != "time_eval"} == {k: v for k, v in b.items() if k != "time_eval"}
+    assert not (out / "round_1" / "model.tmp").exists()
+
+
+# -----------------------------------------------------------------------------
+# Held-out evaluation
+
+def test_heldout_tasks_never_appear_in_few_shot_prompts(tiny, tmp_path):
+    from types import SimpleNamespace
+    from transformers import AutoTokenizer
+    args = isheep.parse_args(["--model", str(tiny), *RESUME, "--out", str(tmp_path)])
+    heldout, pool = isheep.split_seeds(isheep.load_seeds(SEEDS), 8, args.seed)
+    built = []   # the prompts synthesize_instructions really builds, captured at the generation call
+    fake = lambda path, model, tok, prompts, **kw: built.extend(prompts) or [dict(text="", finished=True)] * len(prompts)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    original, isheep.generate_stage = isheep.generate_stage, fake
+    try:
+        with pytest.raises(SystemExit):   # nothing parses from empty completions: the attempt cap ends it
+            isheep.synthesize_instructions(None, tok, pool, [], tmp_path / "x", acc=SimpleNamespace(), args=args, rnd=1)
+    finally:
+        isheep.generate_stage = original
+    text = [tok.decode(p) for p in built]
+    assert len(text) == args.max_attempts
+    assert not any(h["instruction"] in t for h in heldout for t in text)
+    assert all(sum(s["instruction"] in t for s in pool) == isheep.FEW_SHOT for t in text)
+
+
+def test_heldout_split_is_stable_for_a_seed_and_evaluated_at_round_0(uninterrupted):
+    seeds = isheep.load_seeds(SEEDS)
+    heldout, pool = isheep.split_seeds(seeds, 8, 42)
+    assert isheep.split_seeds(seeds, 8, 42) == (heldout, pool) and isheep.split_seeds(seeds, 8, 7)[0] != heldout
+    assert len(pool) == len(seeds) - 8 and not any(h in pool for h in heldout)
+    assert isheep.read_jsonl(uninterrupted / "heldout.jsonl") == heldout   # what the run used
+    round0 = json.loads((uninterrupted / "round_0" / "eval.json").read_text())
+    assert round0["eval_quality_parsed"] > 0 and round0["eval_nll"] > 0
+    assert isheep.read_jsonl(uninterrupted / "metrics.jsonl")[0]["round"] == 0
+
+
+def test_heldout_nll_equals_a_direct_computation(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+    seeds = isheep.load_seeds(SEEDS)[:6]
+    total, count = 0.0, 0
+    for s in seeds:
+        ids, labels = isheep.tokenize_pair(tok, s, 4096)
+        n = sum(y != -100 for y in labels)
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()   # HF's own mean
+        total, count = total + loss * n, count + n
+    assert isheep.heldout_nll(model, tok, seeds, 4096) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_size_zero_turns_evaluation_off(tiny, tmp_path):
+    r = run_cli(tmp_path / "run", *TINY_ROUND, "--temperature", "0", "--threshold", "0", "--eval-size", "0", model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "run" / "round_0").exists() and not (tmp_path / "run" / "round_1" / "eval.json").exists()
+    assert "eval_nll" not in isheep.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
