@@ -345,11 +345,11 @@ def length_batches(prompts, max_new_tokens, batch_tokens):
 
 
 def batch_token_budget(model, args):
-    """--gen-batch-tokens, else 8192 on CPU, else what half of the GPU memory left beside the
+    """--gen-batch-tokens, else 32768 on CPU, else what half of the GPU memory left beside the
     weights holds as KV cache: 2 (K, V) x layers x kv_heads x head_dim x bytes per token, /N under --tp.
     (Qwen1.5-72B: 2.6 MB a token; Qwen1.5-7B: 0.5 MB; SmolLM2-135M: 23 kB.)"""
     if args.gen_batch_tokens or model.device.type != "cuda":
-        return args.gen_batch_tokens or 8192
+        return args.gen_batch_tokens or 32768
     c = model.config.get_text_config()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -1051,7 +1051,7 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
     g.add_argument("--gen-batch-tokens", type=int, help="token budget of a generation batch, rows x (prompt + new) "
-                                                        "(default: 8192 on CPU; on GPU, what half the memory beside the weights holds as KV cache)")
+                                                        "(default: 32768 on CPU; on GPU, what half the memory beside the weights holds as KV cache)")
     g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
     g = p.add_argument_group("SFT")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after training; 0 = full fine-tuning (paper: LoRA)")
