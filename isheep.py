@@ -33,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -304,8 +303,9 @@ def rouge_dedup(candidates, references, threshold=0.7):
 
 
 # -----------------------------------------------------------------------------
-# Generation: batched HF generate with KV cache, left padding, and batches grouped by prompt
-# length under a token budget so that one long prompt never pads a whole batch.
+# Generation: batched decoding on the model's KV cache, left padding, batches grouped by prompt
+# length under a token budget so that one long prompt never pads a whole batch, and finished
+# rows leaving the batch at once.
 # With N processes, whole batches are dealt to ranks and the results gathered by index, so a
 # batch is computed the same way whatever N is (and greedy output is identical for any N).
 
