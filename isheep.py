@@ -264,6 +264,20 @@ def rouge_l(a, b):
     return 2 * p * r / (p + r)
 
 
+def occurrence_matrix(toks):
+    """Sparse 0/1 matrix, a row per token list, a column per (word, k-th occurrence): the dot
+    product of two rows is the size of the multiset intersection of their tokens."""
+    vocab, rows, cols = {}, [], []
+    for i, t in enumerate(toks):
+        seen = {}
+        for w in t:
+            seen[w] = seen.get(w, 0) + 1
+            rows.append(i)
+            cols.append(vocab.setdefault((w, seen[w]), len(vocab)))
+    return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1), torch.ones(len(rows)),
+                                   (len(toks), max(len(vocab), 1)), check_invariants=False).coalesce()
+
+
 def rouge_dedup(candidates, references, threshold=0.7):
     """keep[i] is True when candidate i has ROUGE-L <= threshold against every reference and
     every earlier kept candidate: the decisions of the pairwise loop, without its n^2 LCSs.
@@ -273,16 +287,8 @@ def rouge_dedup(candidates, references, threshold=0.7):
     vectors, so one sparse matrix product bounds every pair at once; the exact (slow) LCS runs
     only for the few pairs whose bound could pass the threshold."""
     toks = [rouge_tokens(t) for t in references] + [rouge_tokens(t) for t in candidates]
-    n_ref, vocab, rows, cols = len(references), {}, [], []
-    for i, t in enumerate(toks):
-        seen = {}
-        for w in t:
-            seen[w] = seen.get(w, 0) + 1
-            rows.append(i)
-            cols.append(vocab.setdefault((w, seen[w]), len(vocab)))
-    n = len(toks)
-    x = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
-                                torch.ones(len(rows)), (n, max(len(vocab), 1)), check_invariants=False).coalesce()
+    n_ref, n = len(references), len(toks)
+    x = occurrence_matrix(toks)
     lengths = torch.tensor([len(t) for t in toks], dtype=torch.float32)
     keep, kept_mask = [], torch.zeros(n, dtype=torch.bool)
     kept_mask[:n_ref] = True

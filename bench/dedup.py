@@ -26,6 +26,7 @@ from rouge_score import rouge_scorer   # bench/test-only dependency (imported un
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
+from common import print_table  # noqa: E402
 
 THRESHOLD = 0.7
 
@@ -89,16 +90,7 @@ def loop_comparisons(instructions, keep):
     dropped = [i for i, k in enumerate(keep) if not k]
     if not dropped:
         return exact, upper
-    vocab, rows, cols = {}, [], []
-    for i, t in enumerate(toks):
-        seen = {}
-        for w in t:
-            seen[w] = seen.get(w, 0) + 1
-            rows.append(i)
-            cols.append(vocab.setdefault((w, seen[w]), len(vocab)))
-    n = len(toks)
-    x = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
-                                torch.ones(len(rows)), (n, max(len(vocab), 1)), check_invariants=False).coalesce()
+    x = isheep.occurrence_matrix(toks)
     lengths = torch.tensor([len(t) for t in toks], dtype=torch.float32)
     kept_mask = torch.tensor(keep, dtype=torch.bool)
     for s in range(0, len(dropped), 256):
@@ -119,11 +111,6 @@ def timed(fn, *a):
     out = fn(*a)
     return out, time.perf_counter() - t0
 
-
-def print_table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for line in [header] + rows:
-        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
 def main():

@@ -35,18 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
+from common import matmul_peak, print_table  # noqa: E402
 
-
-def matmul_peak(size=2048, reps=5):
-    """The machine's fp32 matmul rate in GFLOP/s: the best of a few size^3 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
 
 
 def useful(row, eos):
@@ -117,11 +107,6 @@ def greedy_check(model, tok, prompts, gen_args, max_new_tokens, eos, pad):
         matches += out[i]["text"] == tok.decode(row[:end], skip_special_tokens=True)
     return matches
 
-
-def print_table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for line in [header] + rows:
-        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
 def main():
