@@ -14,7 +14,6 @@ pairwise loop to N from its measured time per comparison and its exact compariso
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -26,7 +25,7 @@ from rouge_score import rouge_scorer   # bench/test-only dependency (imported un
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import print_table  # noqa: E402
+from common import prepare_machine, print_table  # noqa: E402
 
 THRESHOLD = 0.7
 
@@ -125,10 +124,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed of the variants")
     p.add_argument("--threads", type=int, help="torch threads for isheep's sparse products (default: torch's choice)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.getloadavg()[0] > 0.5:
-        print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
+    prepare_machine(args.threads)
 
     real = load_instructions(args.data)
     if not real:

@@ -22,7 +22,6 @@ greedy text equals HF generate on each prompt alone.
 import argparse
 import copy
 import math
-import os
 import random
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import matmul_peak, print_table  # noqa: E402
+from common import prepare_machine, matmul_peak, print_table  # noqa: E402
 
 
 
@@ -133,10 +132,7 @@ def main():
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer, "
                                                "as oversubscribed threads make small ops 10x slower")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.getloadavg()[0] > 0.5:
-        print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
+    prepare_machine(args.threads)
 
     peak = matmul_peak()
     print(f"fp32 matmul peak (best 2048^3 product): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")

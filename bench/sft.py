@@ -17,7 +17,6 @@ tokens / time, the usual estimate; LoRA: 4 x params, frozen weights get no weigh
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import matmul_peak, print_table  # noqa: E402
+from common import prepare_machine, matmul_peak, print_table  # noqa: E402
 
 
 
@@ -90,10 +89,7 @@ def main():
     args = p.parse_args()
     if args.batch_size % args.micro:
         p.error("--batch-size must be a multiple of --micro")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.getloadavg()[0] > 0.5:
-        print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
+    prepare_machine(args.threads)
 
     peak = matmul_peak()
     print(f"fp32 matmul peak (best 2048^3 product): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
