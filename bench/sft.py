@@ -13,6 +13,7 @@ tokens / time, the usual estimate; LoRA: 4 x params, frozen weights get no weigh
 
     python bench/sft.py             # SmolLM2-135M, full fine-tuning, fp32, 4 timed steps (~5-8 min on 2 idle cores)
     python bench/sft.py --n 24 --batch-size 2 --micro 1 --steps 1 --max-len 64 --threads 1   # smoke test
+    python bench/sft.py --device cuda --dtype bf16 --random-model --tokenizer DIR   # a GPU machine (bf16 autocast)
 """
 
 import argparse
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import prepare_machine, matmul_peak, print_table  # noqa: E402
+from common import DTYPES, add_model_args, load_bench_model, matmul_peak, prepare_machine, print_table, sync  # noqa: E402
 
 
 
@@ -55,13 +56,15 @@ def token_counts(examples, plan):
     return real, padded
 
 
-def train_step(model, optimizer, params, examples, step, pad_id):
+def train_step(model, optimizer, params, examples, step, pad_id, autocast):
     """One optimizer step as isheep.sft makes it: each micro-batch adds its summed token CE
-    divided by the step's supervised-token count; clip to 1.0; AdamW."""
+    divided by the step's supervised-token count; clip to 1.0; AdamW. autocast: bf16 compute
+    on fp32 master weights, as isheep trains on a GPU."""
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for mb in step for i in mb)
     for mb in step:
-        ids, labels, mask = isheep.collate([examples[i] for i in mb], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        ids, labels, mask = (t.to(model.device) for t in isheep.collate([examples[i] for i in mb], pad_id))
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, attention_mask=mask).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=-100, reduction="sum") / step_tokens
         loss.backward()
@@ -86,13 +89,16 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, the epoch plan and the baseline's shuffle")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer, "
                                                "as oversubscribed threads make small ops 10x slower")
+    add_model_args(p)
     args = p.parse_args()
     if args.batch_size % args.micro:
         p.error("--batch-size must be a multiple of --micro")
     prepare_machine(args.threads)
+    torch.backends.cuda.enable_cudnn_sdp(False)   # as isheep.main does, for every method measured
 
-    peak = matmul_peak()
-    print(f"fp32 matmul peak (best 2048^3 product): {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    print(f"{args.dtype} matmul peak: {peak:.1f} GFLOP/s on {args.device}"
+          + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""))
 
     # Data: real pairs, tokenized exactly as isheep.sft does.
     path = Path(args.data)
@@ -101,10 +107,9 @@ def main():
     except json.JSONDecodeError:
         pairs = isheep.read_jsonl(path)
     pairs = random.Random(args.seed).sample(pairs, min(args.n, len(pairs)))
-    margs = SimpleNamespace(dtype=torch.float32, trust_remote_code=False, tp=False, lora_rank=args.lora_rank,
-                            gen_batch_tokens=8192, no_progress=True)
-    ref = isheep.demo_model_ref()
-    tok = isheep.load_tokenizer(ref, margs)
+    margs = SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=args.lora_rank, gen_batch_tokens=8192,
+                            no_progress=True)
+    tok, model = load_bench_model(args, margs, training=True)
     examples = [e for e in (isheep.tokenize_pair(tok, dict(p, input=p.get("input") or ""), args.max_len)
                             for p in pairs) if e is not None]
 
@@ -123,13 +128,12 @@ def main():
           f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; {len(epoch)} steps per epoch, {k} timed; "
           f"{args.batch_size} per step in {args.batch_size // args.micro} micro-batches of {args.micro}")
 
-    from accelerate import Accelerator
-    model = isheep.load_model(ref, margs, Accelerator(cpu=True), training=True)
     if args.lora_rank:
         params = isheep.add_lora(model, args.lora_rank, 2 * args.lora_rank)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    autocast = args.dtype == "bf16" and model.dtype == torch.float32
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = (4 if args.lora_rank else 6) * n_params
     start = {name: t.clone() for name, t in model.state_dict().items()}
@@ -138,10 +142,12 @@ def main():
     for method, plan in timed_plans.items():
         model.load_state_dict(start)   # every method starts from the same weights and a fresh AdamW
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        train_step(model, optimizer, params, examples, warmup_plans[method][0], tok.pad_token_id)
+        train_step(model, optimizer, params, examples, warmup_plans[method][0], tok.pad_token_id, autocast)
+        sync(args.device)
         t0 = time.perf_counter()
         for step in plan:
-            train_step(model, optimizer, params, examples, step, tok.pad_token_id)
+            train_step(model, optimizer, params, examples, step, tok.pad_token_id, autocast)
+        sync(args.device)
         seconds = time.perf_counter() - t0
         real, padded = token_counts(examples, plan)
         epoch_real, epoch_padded = token_counts(examples, epoch_plans[method])
@@ -160,7 +166,7 @@ def main():
                 [[r["method"], k, f"{r['s']:.1f}", r["real"], r["padded"], f"{r['pad']:.3f}", f"{r['tok_s']:.0f}",
                   f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['peak']:.3f}", f"{r['epoch_pad']:.3f}",
                   f"{r['epoch_tok_s']:.0f}", f"{r['epoch_tok_s'] / base['epoch_tok_s']:.2f}"] for r in results])
-    print(f"({'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, fp32, {n_params / 1e6:.1f}M params; "
+    print(f"({'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, {args.dtype}, {n_params / 1e6:.1f}M params; "
           f"peak_frac = {flops_per_token // n_params} x params x real tokens / time / {peak:.1f} GFLOP/s;\n"
           f" *_epoch: the same split over the whole epoch of {len(epoch)} steps, time projected from the timed "
           f"steps' seconds per computed token)")
