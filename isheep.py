@@ -313,7 +313,8 @@ def rouge_dedup(candidates, references, threshold=0.7):
 # similar length and join one running batch while a token budget allows; a row that ends
 # leaves the batch and the cache at once and the next prompts take its place, so the batch
 # stays full until the work runs out. Each item samples from its own random stream, so its
-# text depends on (seed, item) alone, not on the rows beside it or the number of processes.
+# text depends on (seed, item) alone, not on the rows beside it or the number of processes
+# (up to floating-point rounding, which the shape of a batch can change).
 # With N processes, fixed units of prompts are dealt to ranks and the results gathered by index.
 
 def format_prompt(tok, instruction, input=""):
@@ -416,9 +417,7 @@ def appending_layer():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             used, n = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
-            mine = self.room is not None and self.keys.data_ptr() == self.room[0].data_ptr() and \
-                self.keys.shape[:2] == self.room[0].shape[:2] and self.keys.stride() == self.room[0].stride()
-            if not mine or used + n > self.room[0].shape[-2]:
+            if not self.in_room() or used + n > self.room[0].shape[-2]:
                 shape = (*key_states.shape[:2], used + n + 128, key_states.shape[-1])
                 self.room = [key_states.new_empty(shape), value_states.new_empty(shape)]
                 if used:
@@ -428,8 +427,12 @@ def appending_layer():
             self.keys, self.values = self.room[0][:, :, :used + n], self.room[1][:, :, :used + n]
             return self.keys, self.values
 
+        def in_room(self):   # are keys still the start of the room (not replaced by a join or a trim)?
+            return self.room is not None and self.keys.data_ptr() == self.room[0].data_ptr() and \
+                self.keys.shape[:2] == self.room[0].shape[:2] and self.keys.stride() == self.room[0].stride()
+
         def batch_select_indices(self, indices):   # keep the room (one copy, not two)
-            if self.room is None or self.keys.data_ptr() != self.room[0].data_ptr():
+            if not self.in_room():
                 return super().batch_select_indices(indices)
             used = self.keys.shape[-2]
             self.room = [r[indices] for r in self.room]
@@ -496,7 +499,7 @@ class RunningBatch:
         self.next_pos = self.next_pos + 1
 
 
-def joinable(prompts, queue, running, budget, max_new_tokens):
+def how_many_fit(prompts, queue, running, budget, max_new_tokens):
     """How many waiting prompts (in queue order) fit beside the running rows: rows x (longest
     prompt + max_new_tokens) <= budget. One at least, when nothing runs."""
     widest, k = max((len(prompts[i]) for i in running), default=0), 0
@@ -524,7 +527,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     batch = None
     while queue or batch:
         running = batch.items if batch else []
-        k = joinable(prompts, queue, running, budget, max_new_tokens)
+        k = how_many_fit(prompts, queue, running, budget, max_new_tokens)
         if k and (k == len(queue) or k >= len(running) // 4) and (batch is None or batch.joinable):
             joining, queue = queue[:k], queue[k:]
             while joining:   # shortest first, so each group is a prefix
@@ -551,8 +554,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             batch = None
             continue
         if len(keep) < len(batch.items):
-            index = torch.tensor(keep, device=token.device)
-            token = token[index]
+            token = token[torch.tensor(keep, device=token.device)]
             batch.keep(keep)
         batch.step(model, token)
     return new, finished
