@@ -24,6 +24,7 @@ generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop,
 """
 
 import argparse
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -370,14 +371,13 @@ def generation_units(prompts, max_new_tokens, budget):
             size = 0
         units[-1].append(i)
         size += cost(i)
-    u = 0
-    while u < len(units):
-        unit = units[u]
+
+    def split(unit):   # the outliers at the front of a unit, then the rest
         drop = next((k for k in range(1, len(unit)) if cost(unit[k - 1]) > 2 * cost(unit[k])), None)
         if drop and len(unit) * cost(unit[0]) > budget:
-            units[u:u + 1] = [unit[:drop], unit[drop:]]
-        u += 1
-    return units
+            return [unit[:drop]] + split(unit[drop:])
+        return [unit]
+    return [part for unit in units for part in split(unit)]
 
 
 def sample(logits, temperature, top_p, uniforms):
@@ -403,21 +403,22 @@ def nucleus_draw(probs, order, uniforms, top_p):
     return order.gather(-1, pick).squeeze(-1)
 
 
+@functools.cache
 def appending_layer():
-    """A KV cache layer like transformers' DynamicLayer, but a step writes its new column into
-    spare room instead of concatenating, which copies the whole cache: 20% of a CPU decode step
-    at 48 rows. The room is made anew (128 columns ahead) when it runs out or when rows were
-    dropped or joined, which replaces the tensors."""
+    """The class of a KV cache layer like transformers' DynamicLayer, but a step writes its new
+    column into spare room instead of concatenating, which copies the whole cache: 20% of a CPU
+    decode step at 48 rows. The room is made anew (128 columns ahead) when it runs out, and
+    after a join or a trim has replaced the tensors."""
     from transformers.cache_utils import DynamicLayer
 
     class AppendingLayer(DynamicLayer):
-        room = None
+        room = None   # [keys, values] with spare columns; self.keys/values are views of its start
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             used, n = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
-            if not self.in_room() or used + n > self.room[0].shape[-2]:
+            if self.room is None or used + n > self.room[0].shape[-2]:
                 shape = (*key_states.shape[:2], used + n + 128, key_states.shape[-1])
                 self.room = [key_states.new_empty(shape), value_states.new_empty(shape)]
                 if used:
@@ -427,18 +428,17 @@ def appending_layer():
             self.keys, self.values = self.room[0][:, :, :used + n], self.room[1][:, :, :used + n]
             return self.keys, self.values
 
-        def in_room(self):   # are keys still the start of the room (not replaced by a join or a trim)?
-            return self.room is not None and self.keys.data_ptr() == self.room[0].data_ptr() and \
-                self.keys.shape[:2] == self.room[0].shape[:2] and self.keys.stride() == self.room[0].stride()
+        def replace(self, keys, values):   # after a join or a trim
+            self.keys, self.values, self.room = keys, values, None
 
         def batch_select_indices(self, indices):   # keep the room (one copy, not two)
-            if not self.in_room():
+            if self.room is None:
                 return super().batch_select_indices(indices)
             used = self.keys.shape[-2]
             self.room = [r[indices] for r in self.room]
             self.keys, self.values = self.room[0][:, :, :used], self.room[1][:, :, :used]
 
-    return AppendingLayer()
+    return AppendingLayer
 
 
 class RunningBatch:
@@ -462,7 +462,7 @@ class RunningBatch:
         # sliding-window, not linear-attention): those are the layers this class knows how to align.
         self.joinable = all(type(layer) is DynamicLayer for layer in self.cache.layers)
         if self.joinable:
-            self.cache.layers = [appending_layer() for _ in self.cache.layers]
+            self.cache.layers = [appending_layer()() for _ in self.cache.layers]
         self.logits = model(input_ids=ids.to(model.device), attention_mask=self.mask, position_ids=positions,
                             cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.next_pos = positions[:, -1] + 1
@@ -472,8 +472,8 @@ class RunningBatch:
         width = max(self.mask.shape[1], other.mask.shape[1])
         left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
-            mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+            mine.replace(torch.cat([left(mine.keys, 2), left(theirs.keys, 2)]),
+                         torch.cat([left(mine.values, 2), left(theirs.values, 2)]))
         self.mask = torch.cat([left(self.mask, 1), left(other.mask, 1)])
         self.items = self.items + other.items
         self.logits = torch.cat([self.logits, other.logits])
@@ -485,10 +485,10 @@ class RunningBatch:
         self.cache.batch_select_indices(index)
         self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
         self.items = [self.items[r] for r in rows]
-        start = int(self.mask.any(0).int().argmax())
+        start = int(self.mask.any(0).int().argmax()) if self.joinable else 0   # other layers keep their own lengths
         if start:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.replace(layer.keys[:, :, start:], layer.values[:, :, start:])
             self.mask = self.mask[:, start:]
 
     def step(self, model, token):
@@ -500,7 +500,7 @@ class RunningBatch:
 
 
 def how_many_fit(prompts, queue, running, budget, max_new_tokens):
-    """How many waiting prompts (in queue order) fit beside the running rows: rows x (longest
+    """How many of the (non-empty) queue's prompts fit beside the running rows: rows x (longest
     prompt + max_new_tokens) <= budget. One at least, when nothing runs."""
     widest, k = max((len(prompts[i]) for i in running), default=0), 0
     for i in queue:
@@ -508,7 +508,7 @@ def how_many_fit(prompts, queue, running, budget, max_new_tokens):
         if (len(running) + k + 1) * (widest + max_new_tokens) > budget:
             break
         k += 1
-    return k or int(not running and bool(queue))
+    return k or int(not running)
 
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad,
@@ -527,7 +527,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     batch = None
     while queue or batch:
         running = batch.items if batch else []
-        k = how_many_fit(prompts, queue, running, budget, max_new_tokens)
+        k = how_many_fit(prompts, queue, running, budget, max_new_tokens) if queue else 0
         if k and (k == len(queue) or k >= len(running) // 4) and (batch is None or batch.joinable):
             joining, queue = queue[:k], queue[k:]
             while joining:   # shortest first, so each group is a prefix
@@ -544,12 +544,11 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         for r, t in enumerate(token.tolist()):   # a CPU-GPU sync point, once a step
             i = batch.items[r]
             new[i].append(t)
-            if t in eos or any(s in tok.decode(new[i][-8:]) for s in stop_strings):
-                finished[i] = True
-            elif len(new[i]) < max_new_tokens:
+            finished[i] = t in eos or any(s in tok.decode(new[i][-8:]) for s in stop_strings)
+            if finished[i] or len(new[i]) == max_new_tokens:
+                on_finish()
+            else:
                 keep.append(r)
-                continue
-            on_finish()
         if not keep:
             batch = None
             continue

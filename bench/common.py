@@ -58,6 +58,16 @@ def add_model_args(p):
     p.add_argument("--tokenizer", help="tokenizer folder (default: the demo model's, read from its GGUF file)")
 
 
+def prepare_model_machine(args):
+    """For the model benches: cuDNN's attention off, as isheep.main does, for every method
+    measured; then the matmul peak of --dtype on --device, printed and returned (GFLOP/s)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    print(f"{args.dtype} matmul peak: {peak:.1f} GFLOP/s on {args.device}"
+          + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""))
+    return peak
+
+
 def load_bench_model(args, margs, training=False):
     """(tokenizer, model) as the bench's flags ask: the demo model through isheep.load_model, or a
     randomly initialised Qwen2-0.5B shape on --device in --dtype. A random model's tokens beyond

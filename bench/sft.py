@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import DTYPES, add_model_args, load_bench_model, matmul_peak, prepare_machine, print_table, sync  # noqa: E402
+from common import add_model_args, load_bench_model, prepare_machine, prepare_model_machine, print_table, sync  # noqa: E402
 
 
 
@@ -94,11 +94,7 @@ def main():
     if args.batch_size % args.micro:
         p.error("--batch-size must be a multiple of --micro")
     prepare_machine(args.threads)
-    torch.backends.cuda.enable_cudnn_sdp(False)   # as isheep.main does, for every method measured
-
-    peak = matmul_peak(args.device, DTYPES[args.dtype])
-    print(f"{args.dtype} matmul peak: {peak:.1f} GFLOP/s on {args.device}"
-          + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""))
+    peak = prepare_model_machine(args)
 
     # Data: real pairs, tokenized exactly as isheep.sft does.
     path = Path(args.data)
