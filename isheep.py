@@ -24,6 +24,7 @@ generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop,
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import hashlib
@@ -359,25 +360,17 @@ def batch_token_budget(model, args):
 def generation_units(prompts, max_new_tokens, budget):
     """Indices of prompts, longest first, cut into units of about 4 full batches (prompt +
     max_new_tokens summed up to 4 x budget). A unit is decoded as one continuous batch on one
-    rank and saved when it ends. Every row of a batch is as wide as its widest, so outliers (one
-    1,400-token input among 50-token ones) are a unit of their own when they are over twice as
-    wide as the next prompt and the budget could not hold the unit's rows beside them. Units
-    depend only on the prompts: resumable and the same for any number of ranks."""
-    cost = lambda i: len(prompts[i]) + max_new_tokens
+    rank and saved when it ends. Units depend only on the prompts: resumable and the same for
+    any number of ranks."""
     units, size = [], 0
     for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
-        if not units or size + cost(i) > 4 * budget:
+        cost = len(prompts[i]) + max_new_tokens
+        if not units or size + cost > 4 * budget:
             units.append([])
             size = 0
         units[-1].append(i)
-        size += cost(i)
-
-    def split(unit):   # the outliers at the front of a unit, then the rest
-        drop = next((k for k in range(1, len(unit)) if cost(unit[k - 1]) > 2 * cost(unit[k])), None)
-        if drop and len(unit) * cost(unit[0]) > budget:
-            return [unit[:drop]] + split(unit[drop:])
-        return [unit]
-    return [part for unit in units for part in split(unit)]
+        size += cost
+    return units
 
 
 def sample(logits, temperature, top_p, uniforms):
@@ -441,14 +434,25 @@ def appending_layer():
     return AppendingLayer
 
 
-class RunningBatch:
-    """Rows being decoded together: their KV cache, attention mask and next positions. Rows are
-    left-padded, so every row's next token goes into the same cache column; the mask comes from
-    prompt lengths, never from token ids."""
+def new_cache(model):
+    """An empty KV cache for the model, and whether rows can join it. They can when every layer
+    is a plain full-attention one (not sliding-window, not linear-attention): those are the
+    layers whose columns line up across rows, and they then append in place (appending_layer)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    cache = DynamicCache(config=model.config)
+    joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+    if joinable:
+        cache.layers = [appending_layer()() for _ in cache.layers]
+    return cache, joinable
+
+
+class Lane:
+    """Rows that share one KV cache: prefilled together, or merged since. Rows are left-padded,
+    so every row's next token goes into the same cache column; the mask comes from prompt
+    lengths, never from token ids."""
 
     def __init__(self, model, prompts, items, pad):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -457,17 +461,17 @@ class RunningBatch:
             mask[row, width - len(p):] = 1
         self.items, self.mask = items, mask.to(model.device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=model.config)
-        # Rows can join a running batch when every cache layer is a plain full-attention one (not
-        # sliding-window, not linear-attention): those are the layers this class knows how to align.
-        self.joinable = all(type(layer) is DynamicLayer for layer in self.cache.layers)
-        if self.joinable:
-            self.cache.layers = [appending_layer()() for _ in self.cache.layers]
+        self.cache, self.joinable = new_cache(model)
         self.logits = model(input_ids=ids.to(model.device), attention_mask=self.mask, position_ids=positions,
                             cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.next_pos = positions[:, -1] + 1
 
-    def join(self, other):
+    def real_share(self, other):
+        """The share of real tokens (not padding) in the cache that merging other would make."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        return int(self.mask.sum() + other.mask.sum()) / ((len(self.items) + len(other.items)) * width)
+
+    def merge(self, other):
         """Take other's rows in: both caches are left-padded to the wider one and stacked."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
@@ -491,21 +495,131 @@ class RunningBatch:
                 layer.replace(layer.keys[:, :, start:], layer.values[:, :, start:])
             self.mask = self.mask[:, start:]
 
+
+LANE_ATTENTION = "isheep_lanes"
+
+
+@functools.cache
+def register_lane_attention():
+    """Register LANE_ATTENTION with transformers: SDPA, as the model's own, on a batch in one
+    tensor; and on keys and values that come as a list, one tensor per lane (LaneCache), SDPA a
+    lane at a time over that lane's own columns."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if torch.is_tensor(key):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out, start = [], 0
+        for k, v in zip(key, value):
+            rows = slice(start, start + len(k))
+            mask = attention_mask[rows, :, :, -k.shape[-2]:]   # the mask is left-padded to the widest lane
+            out.append(sdpa_attention_forward(module, query[rows], k, v, mask, **kwargs)[0])
+            start = rows.stop
+        return torch.cat(out), None
+
+    AttentionInterface.register(LANE_ATTENTION, attention)
+    AttentionMaskInterface.register(LANE_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def lane_attention(model):
+    """For one decode, a model on SDPA attends with LANE_ATTENTION (the same SDPA, plus lanes).
+    Yields whether it does; other attentions (flash-attention, eager) decode in one lane."""
+    if model.config._attn_implementation != "sdpa":
+        yield False
+        return
+    register_lane_attention()
+    model.set_attn_implementation(LANE_ATTENTION)
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+class LaneCache:
+    """The cache the model sees in a step over several lanes: each layer's new keys and values
+    are split by lane and appended to that lane's cache, and the attention gets the lanes'
+    whole keys and values back as lists."""
+
+    def __init__(self, lanes):
+        self.lanes = lanes
+
+    def update(self, keys, values, layer, *args, **kwargs):
+        all_keys, all_values, start = [], [], 0
+        for lane in self.lanes:
+            rows = slice(start, start + len(lane.items))
+            k, v = lane.cache.layers[layer].update(keys[rows], values[rows])
+            all_keys.append(k)
+            all_values.append(v)
+            start = rows.stop
+        return all_keys, all_values
+
+
+class RunningBatch:
+    """The rows being decoded, in lanes. A lane of its own costs an attention call per layer a
+    step; sharing a lane costs the padding up to its widest row, every step, in every row. So a
+    newly prefilled lane merges into the lane it pads least when at least 3/4 of the merged
+    cache would be real tokens, and else runs beside it: a 1,400-token prompt among 50-token
+    ones widens only its own lane. Without lane attention, everything merges into one lane."""
+
+    def __init__(self, lanes_on):
+        self.lanes, self.lanes_on = [], lanes_on
+
+    @property
+    def items(self):
+        return [i for lane in self.lanes for i in lane.items]
+
+    @property
+    def logits(self):
+        return torch.cat([lane.logits for lane in self.lanes])
+
+    def add(self, lane):
+        best = max(self.lanes, key=lane.real_share, default=None)
+        if best and (not self.lanes_on or lane.real_share(best) >= 0.75):
+            best.merge(lane)
+        else:
+            self.lanes.append(lane)
+
+    def keep(self, rows):
+        """Drop all rows but `rows` (positions in self.items), and the lanes left empty."""
+        start, lanes = 0, []
+        for lane in self.lanes:
+            mine = [r - start for r in rows if start <= r < start + len(lane.items)]
+            start += len(lane.items)
+            if mine:
+                if len(mine) < len(lane.items):
+                    lane.keep(mine)
+                lanes.append(lane)
+        self.lanes = lanes
+
     def step(self, model, token):
         """Feed each row its new token; logits for the next."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.items), 1)], dim=1)
-        self.logits = model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                            cache=self.cache, use_cache=True).logits[:, -1]
-        self.next_pos = self.next_pos + 1
+        for lane in self.lanes:
+            lane.mask = torch.cat([lane.mask, lane.mask.new_ones(len(lane.items), 1)], dim=1)
+        if len(self.lanes) == 1:
+            mask, cache = self.lanes[0].mask, self.lanes[0].cache
+        else:   # one forward for every row; the attention splits it by lane again
+            width = max(lane.mask.shape[1] for lane in self.lanes)
+            mask = torch.cat([F.pad(lane.mask, (width - lane.mask.shape[1], 0)) for lane in self.lanes])
+            mask, cache = mask.bool()[:, None, None, :], LaneCache(self.lanes)
+        positions = torch.cat([lane.next_pos for lane in self.lanes])
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
+                       cache=cache, use_cache=True).logits[:, -1]
+        for lane, part in zip(self.lanes, logits.split([len(lane.items) for lane in self.lanes])):
+            lane.logits, lane.next_pos = part, lane.next_pos + 1
 
 
-def how_many_fit(prompts, queue, running, budget, max_new_tokens):
-    """How many of the (non-empty) queue's prompts fit beside the running rows: rows x (longest
-    prompt + max_new_tokens) <= budget. One at least, when nothing runs."""
-    widest, k = max((len(prompts[i]) for i in running), default=0), 0
+def how_many_fit(prompts, queue, running, budget, max_new_tokens, lanes):
+    """How many of the (non-empty) queue's prompts fit beside the running rows in a budget of
+    cached tokens. In lanes a row costs its own prompt + max_new_tokens; in one padded lane,
+    the longest prompt's. One at least, when nothing runs."""
+    lengths = [len(prompts[i]) for i in running]
+    rows, total, widest, k = len(lengths), sum(lengths), max(lengths, default=0), 0
     for i in queue:
-        widest = max(widest, len(prompts[i]))
-        if (len(running) + k + 1) * (widest + max_new_tokens) > budget:
+        rows, total, widest = rows + 1, total + len(prompts[i]), max(widest, len(prompts[i]))
+        if (total if lanes else rows * widest) + rows * max_new_tokens > budget:
             break
         k += 1
     return k or int(not running)
@@ -514,48 +628,46 @@ def how_many_fit(prompts, queue, running, budget, max_new_tokens):
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad,
            stop_strings=(), on_finish=lambda: None):
     """Continuous batching of prompts (token id lists). The waiting prompts, shortest first,
-    join the running batch while rows x (longest prompt + max_new_tokens) stays within budget,
-    and only once a quarter of the batch could join (a join copies the cache). They are
-    prefilled in groups that pad no prompt past 1.25x its length (+8). A row that ends (EOS, a
-    stop string, the length cap) leaves at once. Shortest first, because a long prompt widens
-    every row's cache while it runs: it comes last, when few rows are left. Item i draws its
-    tokens from random.Random(seeds[i]). Returns (new tokens, finished) per prompt."""
+    join the running batch while they fit in the budget (how_many_fit), and only once a quarter
+    of the batch could join (a join is a prefill, and may copy a lane's cache). They are
+    prefilled in groups that pad no prompt past 1.25x its length (+8), and each group becomes a
+    lane or merges into one (RunningBatch.add). A row that ends (EOS, a stop string, the length
+    cap) leaves at once. Item i draws its tokens from random.Random(seeds[i]). Returns (new
+    tokens, finished) per prompt."""
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
     new, finished = [[] for _ in prompts], [False] * len(prompts)
     eos = set(eos)
-    batch = None
-    while queue or batch:
-        running = batch.items if batch else []
-        k = how_many_fit(prompts, queue, running, budget, max_new_tokens) if queue else 0
-        if k and (k == len(queue) or k >= len(running) // 4) and (batch is None or batch.joinable):
-            joining, queue = queue[:k], queue[k:]
-            while joining:   # shortest first, so each group is a prefix
-                group = [i for i in joining if len(prompts[i]) <= 1.25 * len(prompts[joining[0]]) + 8]
-                joining = joining[len(group):]
-                part = RunningBatch(model, [prompts[i] for i in group], group, pad)
-                if batch is None:
-                    batch = part
+    joinable = new_cache(model)[1]
+    with lane_attention(model) as lanes_on:
+        lanes_on = lanes_on and joinable
+        batch = RunningBatch(lanes_on)
+        while queue or batch.lanes:
+            running = batch.items
+            k = how_many_fit(prompts, queue, running, budget, max_new_tokens, lanes_on) if queue else 0
+            if k and (k == len(queue) or k >= len(running) // 4) and (joinable or not running):
+                joining, queue = queue[:k], queue[k:]
+                while joining:   # shortest first, so each group is a prefix; one group if rows can't join
+                    group = [i for i in joining if len(prompts[i]) <= 1.25 * len(prompts[joining[0]]) + 8 or not joinable]
+                    joining = joining[len(group):]
+                    batch.add(Lane(model, [prompts[i] for i in group], group, pad))
+            items = batch.items
+            uniforms = torch.tensor([draws[i].random() for i in items], device=model.device) if temperature else None
+            token = sample(batch.logits, temperature, top_p, uniforms)
+            keep = []
+            for r, t in enumerate(token.tolist()):   # a CPU-GPU sync point, once a step
+                i = items[r]
+                new[i].append(t)
+                finished[i] = t in eos or any(s in tok.decode(new[i][-8:]) for s in stop_strings)
+                if finished[i] or len(new[i]) == max_new_tokens:
+                    on_finish()
                 else:
-                    batch.join(part)
-        uniforms = torch.tensor([draws[i].random() for i in batch.items], device=model.device) if temperature else None
-        token = sample(batch.logits, temperature, top_p, uniforms)
-        keep = []
-        for r, t in enumerate(token.tolist()):   # a CPU-GPU sync point, once a step
-            i = batch.items[r]
-            new[i].append(t)
-            finished[i] = t in eos or any(s in tok.decode(new[i][-8:]) for s in stop_strings)
-            if finished[i] or len(new[i]) == max_new_tokens:
-                on_finish()
-            else:
-                keep.append(r)
-        if not keep:
-            batch = None
-            continue
-        if len(keep) < len(batch.items):
-            token = token[torch.tensor(keep, device=token.device)]
-            batch.keep(keep)
-        batch.step(model, token)
+                    keep.append(r)
+            if len(keep) < len(items):
+                token = token[torch.tensor(keep, device=token.device, dtype=torch.long)]
+                batch.keep(keep)
+            if batch.lanes:
+                batch.step(model, token)
     return new, finished
 
 

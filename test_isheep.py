@@ -414,25 +414,38 @@ def poet_prompts(tok):
             for k, n in zip([1, 3, 1, 2, 5, 1, 2], NOUNS)]
 
 
-@pytest.mark.parametrize("budget", [4096, 160])   # every prompt at once; 2 rows at a time, the rest joining
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, budget, monkeypatch):
+@pytest.mark.parametrize("budget,attention", [(4096, "sdpa"), (160, "sdpa"), (160, "eager")])   # every
+# prompt at once; 2-3 rows at a time, the rest joining; eager attention has no lanes: one padded lane
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, budget, attention, monkeypatch):
     from types import SimpleNamespace
     from accelerate import Accelerator
-    tok, model = tiny_model(tiny)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation=attention).eval()
     prompts = poet_prompts(tok)
-    rows, joins = [], []   # the rows of every decoding step; how often rows joined a running batch
-    step, join = isheep.RunningBatch.step, isheep.RunningBatch.join
-    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: rows.append(list(b.items)) or step(b, m, t))
-    monkeypatch.setattr(isheep.RunningBatch, "join", lambda b, o: joins.append(len(o.items)) or join(b, o))
+    steps, joins = [], []   # (rows, lanes) of every decoding step; rows that joined a running batch
+    step, add = isheep.RunningBatch.step, isheep.RunningBatch.add
+
+    def spy_add(batch, lane):
+        if batch.lanes:
+            joins.append(len(lane.items))
+        add(batch, lane)
+    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: steps.append((b.items, len(b.lanes))) or step(b, m, t))
+    monkeypatch.setattr(isheep.RunningBatch, "add", spy_add)
     args = SimpleNamespace(tp=False, gen_batch_tokens=budget, no_progress=True)
     out = {}
     for chunk in isheep.generate(model, tok, prompts, acc=Accelerator(cpu=True), args=args, max_new_tokens=16,
                                  temperature=0, top_p=1.0):
         out.update(chunk)
-    assert max(map(len, rows)) > 1   # really batched
+    assert max(len(rows) for rows, _ in steps) > 1   # really batched
+    lanes = max(lanes for _, lanes in steps)
+    assert lanes == 1 if attention == "eager" else budget == 160 or lanes > 1   # lanes when all are in at once
+    assert model.config._attn_implementation == attention   # lent to decode, then given back
     if budget == 160:
         [unit] = isheep.generation_units(prompts, 16, budget)   # decode's rows index the unit
-        assert joins and all(len(r) * (max(len(prompts[unit[i]]) for i in r) + 16) <= budget for r in rows)
+        cost = lambda rows: (sum(len(prompts[unit[i]]) for i in rows) if attention == "sdpa"   # in lanes
+                             else len(rows) * max(len(prompts[unit[i]]) for i in rows)) + 16 * len(rows)
+        assert joins and all(cost(rows) <= budget for rows, _ in steps)
     for i, p in enumerate(prompts):
         alone = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
         row = alone[0, len(p):].tolist()
@@ -460,8 +473,8 @@ def test_generation_units_cover_every_prompt_longest_first_within_the_budget():
     units = isheep.generation_units(prompts, 100, 250)
     flat = [i for u in units for i in u]
     assert sorted(flat) == list(range(len(prompts))) and flat[:3] == [4, 1, 5]   # longest first
-    assert units[0] == [4] and units[1] == [1]   # outliers, too wide to share a batch under this budget
-    assert isheep.generation_units(prompts, 100, 10 ** 6) == [flat]   # a budget that holds them all beside them
+    assert units[0] == [4]   # alone: over 4 x budget by itself
+    assert isheep.generation_units(prompts, 100, 10 ** 6) == [flat]
     assert all(sum(len(prompts[i]) + 100 for i in u) <= 4 * 250 for u in units if len(u) > 1)
     assert isheep.generation_units(prompts, 100, 250) == units   # the prompts alone decide
 
