@@ -380,12 +380,15 @@ def sample(logits, temperature, top_p, uniforms):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
-    top, order = probs.topk(min(1024, probs.shape[-1]))   # sorting the whole vocabulary costs 20% of a CPU step
-    token = nucleus_draw(top, order, uniforms, top_p)
-    wide = (top.sum(-1) < top_p).nonzero().squeeze(-1)
-    if len(wide):   # these rows' nucleus reaches past their top 1024 tokens: sort their whole vocabulary
-        token[wide] = nucleus_draw(*probs[wide].sort(-1, descending=True), uniforms[wide], top_p)
-    return token
+    token, rows = torch.empty_like(uniforms, dtype=torch.long), torch.arange(len(probs), device=probs.device)
+    # A CPU sorts a 49k vocabulary in 1.5 ms a row; most rows' nucleus is within their top 64 or 1024.
+    for k in [64, 1024, 8192, probs.shape[-1]]:
+        top, order = probs[rows].topk(min(k, probs.shape[-1]))
+        done = (top.sum(-1) >= top_p) | (k >= probs.shape[-1])
+        token[rows[done]] = nucleus_draw(top[done], order[done], uniforms[rows[done]], top_p)
+        rows = rows[~done]
+        if not len(rows):
+            return token
 
 
 def nucleus_draw(probs, order, uniforms, top_p):
