@@ -314,7 +314,8 @@ def rouge_dedup(candidates, references, threshold=0.7):
 # Generation: continuous batching on the model's KV cache. Prompts are prefilled in groups of
 # similar length and join one running batch while a token budget allows; a row that ends
 # leaves the batch and the cache at once and the next prompts take its place, so the batch
-# stays full until the work runs out. Each item samples from its own random stream, so its
+# stays full until the work runs out. Rows of very different lengths run in lanes, each with
+# its own cache, so one long prompt does not widen every row. Each item samples from its own random stream, so its
 # text depends on (seed, item) alone, not on the rows beside it or the number of processes
 # (up to floating-point rounding, which the shape of a batch can change).
 # With N processes, fixed units of prompts are dealt to ranks and the results gathered by index.
@@ -404,7 +405,7 @@ def appending_layer():
     """The class of a KV cache layer like transformers' DynamicLayer, but a step writes its new
     column into spare room instead of concatenating, which copies the whole cache: 20% of a CPU
     decode step at 48 rows. The room is made anew (128 columns ahead) when it runs out, and
-    after a join or a trim has replaced the tensors."""
+    after a merge or a trim has replaced the tensors."""
     from transformers.cache_utils import DynamicLayer
 
     class AppendingLayer(DynamicLayer):
@@ -424,7 +425,7 @@ def appending_layer():
             self.keys, self.values = self.room[0][:, :, :used + n], self.room[1][:, :, :used + n]
             return self.keys, self.values
 
-        def replace(self, keys, values):   # after a join or a trim
+        def replace(self, keys, values):   # after a merge or a trim
             self.keys, self.values, self.room = keys, values, None
 
         def batch_select_indices(self, indices):   # keep the room (one copy, not two)
@@ -580,7 +581,7 @@ class RunningBatch:
 
     def add(self, lane):
         best = max(self.lanes, key=lane.real_share, default=None)
-        if best and (not self.lanes_on or lane.real_share(best) >= 0.75):
+        if best is not None and (not self.lanes_on or lane.real_share(best) >= 0.75):
             best.merge(lane)
         else:
             self.lanes.append(lane)
@@ -650,8 +651,9 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             k = how_many_fit(prompts, queue, running, budget, max_new_tokens, lanes_on) if queue else 0
             if k and (k == len(queue) or k >= len(running) // 4) and (joinable or not running):
                 joining, queue = queue[:k], queue[k:]
-                while joining:   # shortest first, so each group is a prefix; one group if rows can't join
-                    group = [i for i in joining if len(prompts[i]) <= 1.25 * len(prompts[joining[0]]) + 8 or not joinable]
+                while joining:   # shortest first, so each group is a prefix (all of it, if rows can't join)
+                    cap = 1.25 * len(prompts[joining[0]]) + 8 if joinable else math.inf
+                    group = [i for i in joining if len(prompts[i]) <= cap]
                     joining = joining[len(group):]
                     batch.add(Lane(model, [prompts[i] for i in group], group, pad))
             items = batch.items

@@ -1,9 +1,9 @@
 """Benchmark generation: isheep.generate against plain Hugging Face generate paths.
 
 What is measured and why: generation is most of an I-SHEEP round (instructions, responses,
-judge). isheep.generate decodes token by token with the model's KV cache (DynamicCache), left
-padding, batches grouped by prompt length under a token budget, and drops each row from the
-batch and the cache as soon as it ends. On the response-stage workload (seed tasks in the chat
+judge). isheep.generate decodes with continuous batching on the model's own KV cache: prompts
+join a running batch under a token budget, in lanes of similar width (each lane its own
+left-padded cache), and a row leaves the batch and the cache as soon as it ends. On the response-stage workload (seed tasks in the chat
 template, sampling at T=1.0, top-p 0.95, stop at EOS) we compare it with HF generate one prompt
 at a time, HF generate on length-sorted batches of 16, and HF continuous batching
 (model.generate_batch) where this transformers build runs it. The figure of merit is useful

@@ -82,7 +82,7 @@ def main():
     p.add_argument("--n", type=int, default=512, help="pairs sampled from --data; isheep.epoch_steps plans an epoch over them")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (isheep's --batch-size)")
     p.add_argument("--micro", type=int, default=4, help="examples per micro-batch: batch-size/micro micro-batches per step")
-    p.add_argument("--steps", type=int, default=4, help="K: timed optimizer steps per method, after 1 untimed warm-up step")
+    p.add_argument("--steps", type=int, default=4, help="K: timed optimizer steps per method, drawn from the epoch, after 1 untimed warm-up step")
     p.add_argument("--max-len", type=int, default=1024, help="tokenize_pair's max_len")
     p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning in fp32 (measures the loop itself); >0: isheep's LoRA")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (speed does not depend on it)")
@@ -109,15 +109,18 @@ def main():
     examples = [e for e in (isheep.tokenize_pair(tok, dict(p, input=p.get("input") or ""), args.max_len)
                             for p in pairs) if e is not None]
 
-    # The epoch as isheep plans it; time its first K steps, warm up on step K+1. The baseline
-    # reshuffles exactly the timed steps' examples, so every method sees the same examples.
+    # The epoch as isheep plans it; time K of its steps drawn at random, warm up on one more.
+    # Drawn, not the first K: epoch_steps sorts lengths within windows of 8 steps, so K
+    # neighbouring steps hold similar lengths and their reshuffle would flatter the baseline.
+    # The baseline reshuffles exactly the timed steps' examples: every method sees the same examples.
     epoch = isheep.epoch_steps(examples, args.batch_size, random.Random(args.seed))
     epoch = [s for s in epoch if len(s) == args.batch_size]   # drop the epoch's one short step
     k = min(args.steps, len(epoch) - 1)
     if k < 1:
         p.error(f"{len(examples)} examples make {len(epoch)} full steps; need at least 2 (raise --n)")
-    timed_plans = plans(examples, epoch[:k], args.batch_size, args.micro, args.seed)
-    warmup_plans = plans(examples, epoch[k:k + 1], args.batch_size, args.micro, args.seed)
+    *timed, warmup = random.Random(args.seed).sample(epoch, k + 1)
+    timed_plans = plans(examples, timed, args.batch_size, args.micro, args.seed)
+    warmup_plans = plans(examples, [warmup], args.batch_size, args.micro, args.seed)
     epoch_plans = plans(examples, epoch, args.batch_size, args.micro, args.seed)
     lengths = sorted(len(e[0]) for e in examples)
     print(f"{len(examples)} examples, tokens per example: median {lengths[len(lengths) // 2]}, "
