@@ -468,6 +468,22 @@ def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny
     assert reseeded != together
 
 
+def test_a_prompt_far_longer_than_the_rest_decodes_in_a_lane_of_its_own(tiny, monkeypatch):
+    tok, model = tiny_model(tiny)
+    prompts = poet_prompts(tok)[:4] + [isheep.encode_prompt(tok, isheep.format_prompt(tok, "Write about seas. " * 40))]
+    widths = []   # per step: (rows, cache width) of each lane
+    step = isheep.RunningBatch.step
+    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: widths.append(
+        [(len(lane.items), lane.mask.shape[1]) for lane in b.lanes]) or step(b, m, t))
+    kw = dict(max_new_tokens=8, temperature=0, top_p=1.0, eos=[tok.eos_token_id], pad=tok.pad_token_id)
+    with torch.no_grad():
+        together, _ = isheep.decode(model, tok, prompts, [0] * 5, budget=4096, **kw)
+        alone = [isheep.decode(model, tok, [p], [0], budget=4096, **kw)[0][0] for p in prompts]
+    assert (1, len(prompts[-1])) in widths[0]   # the long one alone, in a lane as wide as itself
+    assert all(w < len(prompts[-1]) / 2 for rows, w in widths[0] if rows > 1)   # the others stay narrow
+    assert together == alone
+
+
 def test_generation_units_cover_every_prompt_longest_first_within_the_budget():
     prompts = [[0] * n for n in [5, 300, 20, 20, 6000, 40, 7, 7, 7]]
     units = isheep.generation_units(prompts, 100, 250)
