@@ -1313,7 +1313,7 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
-    g.add_argument("--gen-batch-tokens", type=int, help="token budget of a generation batch, rows x (prompt + new) "
+    g.add_argument("--gen-batch-tokens", type=int, help="KV-cache token budget of a generation batch: each row's prompt + new tokens "
                                                         "(default: 32768 on CPU; on GPU, what half the memory beside the weights holds as KV cache)")
     g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
     g = p.add_argument_group("SFT")
