@@ -315,9 +315,9 @@ def rouge_dedup(candidates, references, threshold=0.7):
 # similar length and join one running batch while a token budget allows; a row that ends
 # leaves the batch and the cache at once and the next prompts take its place, so the batch
 # stays full until the work runs out. Rows of very different lengths run in lanes, each with
-# its own cache, so one long prompt does not widen every row. Each item samples from its own random stream, so its
-# text depends on (seed, item) alone, not on the rows beside it or the number of processes
-# (up to floating-point rounding, which the shape of a batch can change).
+# its own cache, so one long prompt does not widen every row. Each item samples from its own
+# random stream, so its text depends on (seed, item) alone, not on the rows beside it or the
+# number of processes (up to floating-point rounding, which the shape of a batch can change).
 # With N processes, fixed units of prompts are dealt to ranks and the results gathered by index.
 
 def format_prompt(tok, instruction, input=""):
@@ -388,7 +388,7 @@ def sample(logits, temperature, top_p, uniforms):
         done = (top.sum(-1) >= top_p) | (k >= probs.shape[-1])
         token[rows[done]] = nucleus_draw(top[done], order[done], uniforms[rows[done]], top_p)
         rows = rows[~done]
-        if not len(rows):
+        if not len(rows):   # always, by the last k: the whole vocabulary covers every nucleus
             return token
 
 
