@@ -185,6 +185,8 @@ BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(BLACKLIST) + r")\b", re.IGNORECASE
 URL_RE = re.compile(r"https?://|www\.", re.IGNORECASE)
 FORMAT_LEAK_RE = re.compile(r"instruction:|input:|output:|noinput", re.IGNORECASE)
 NEW_TURN_RE = re.compile(r"^\s*(?:user|assistant|human)\s*:|^\s*###\s*instruction", re.IGNORECASE | re.MULTILINE)
+# A turn whose markers were special tokens, decoded without them: a line that is just a role name, then more text.
+ROLE_LINE_RE = re.compile(r"^[ \t]*(?:user|assistant|system)[ \t]*\n\s*\S", re.MULTILINE)
 
 
 def bad_length(instruction):
@@ -223,7 +225,7 @@ def is_empty(pair):
 
 
 def continues_dialogue(pair):
-    return NEW_TURN_RE.search(pair["output"]) is not None
+    return NEW_TURN_RE.search(pair["output"]) is not None or ROLE_LINE_RE.search(pair["output"]) is not None
 
 
 def repeats_instruction(pair):
@@ -320,9 +322,13 @@ def rouge_dedup(candidates, references, threshold=0.7):
 # number of processes (up to floating-point rounding, which the shape of a batch can change).
 # With N processes, fixed units of prompts are dealt to ranks and the results gathered by index.
 
+def user_turn(instruction, input=""):
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
 def format_prompt(tok, instruction, input=""):
     """The one prompt format of steps 3 and 7: the chat template, else PLAIN_TEMPLATE."""
-    user = f"{instruction}\n\n{input}" if input else instruction
+    user = user_turn(instruction, input)
     if tok.chat_template:
         return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                        add_generation_prompt=True)
@@ -335,8 +341,40 @@ def encode_prompt(tok, text, raw=False):
     return tok(text, add_special_tokens=raw or not tok.chat_template).input_ids
 
 
+@functools.cache
+def turn_boundary(tok):
+    """(end_of_turn, special): what the chat template writes between an answer and the next
+    user message, read off the template itself rather than a list of model families. The
+    template renders user, assistant (a marker answer), user; the text between the marker and
+    the next user message is tokenized. end_of_turn: its ids up to and including the first
+    special token (ChatML: <|im_end|>; [INST] templates: </s>), what SFT trains after a
+    response; special: every special id in it, the end of this turn and the start of the next
+    (ChatML: <|im_end|>, <|im_start|>). Without a template, or when the template writes no
+    special token there: ([eos], {eos})."""
+    eos = [tok.eos_token_id]
+    if not tok.chat_template:
+        return eos, set(eos)
+    turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<<ANSWER>>"},
+             {"role": "user", "content": "<<NEXT>>"}]
+    from jinja2 import TemplateError
+    try:
+        text = tok.apply_chat_template(turns, tokenize=False)
+    except TemplateError:   # a template that refuses a second user turn: what follows the answer
+        text = tok.apply_chat_template(turns[:2], tokenize=False) + "<<NEXT>>"
+    between = text.split("<<ANSWER>>")[-1].split("<<NEXT>>")[0]
+    ids = tok(between, add_special_tokens=False).input_ids
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    first = next((k for k, i in enumerate(ids) if i in special), None)
+    if first is None:
+        return eos, set(eos)
+    return ids[:first + 1], {i for i in ids if i in special}
+
+
 def stop_token_ids(tok, model):
-    ids = {tok.eos_token_id}
+    """Where generation stops: the tokenizer's and the model's eos, and the chat template's end
+    of turn and start of the next. Qwen base models need the last two: their eos is
+    <|endoftext|>, but their template closes a turn with <|im_end|>."""
+    ids = {tok.eos_token_id} | turn_boundary(tok)[1]
     extra = model.generation_config.eos_token_id
     ids.update(extra if isinstance(extra, list) else [extra])
     return sorted(i for i in ids if i is not None)
@@ -875,14 +913,17 @@ def filter_by_threshold(pairs, threshold, assess):
 
 
 # -----------------------------------------------------------------------------
-# SFT (step 7): a plain PyTorch loop driven by accelerate, loss on response tokens + EOS only.
+# SFT (step 7): a plain PyTorch loop driven by accelerate, loss on the response and its end of turn only.
 
 def tokenize_pair(tok, pair, max_len):
     """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too
-    long. Prompt and response are tokenized apart and their ids concatenated, so the mask
-    boundary is exact; a response that runs past max_len is truncated (and loses its EOS)."""
+    long. The supervised tokens are the response and the template's own end of turn
+    (turn_boundary: <|im_end|> for ChatML, eos without a template), so the model learns to close
+    a turn the way chat tools expect. Prompt and response are tokenized apart and their ids
+    concatenated, so the mask boundary is exact; a response that runs past max_len is truncated
+    (and loses its end of turn)."""
     prompt = encode_prompt(tok, format_prompt(tok, pair["instruction"], pair["input"]))
-    response = tok(pair["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    response = tok(pair["output"], add_special_tokens=False).input_ids + turn_boundary(tok)[0]
     if len(prompt) >= max_len:
         return None
     ids = (prompt + response)[:max_len]
@@ -1038,6 +1079,7 @@ def save_model(model, tok, save_dir, *, acc, args):
         shutil.rmtree(tmp, ignore_errors=True)
         model = acc.unwrap_model(model)
         model.config.use_cache = True
+        model.generation_config.eos_token_id = stop_token_ids(tok, model)   # generate() stops at the end of a turn
         model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")   # safetensors shards
         tok.save_pretrained(tmp)
         os.replace(tmp, save_dir)
@@ -1192,7 +1234,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
 
 @torch.no_grad()
 def heldout_nll(model, tok, seeds, max_len):
-    """Mean per-token negative log-likelihood of the seeds' own reference outputs (+ EOS):
+    """Mean per-token negative log-likelihood of the seeds' own reference outputs (+ end of turn):
     judge-free and deterministic. Token-weighted over all held-out seeds."""
     total, count = 0.0, 0
     for s in seeds:

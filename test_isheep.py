@@ -35,9 +35,35 @@ NOUNS = ["rivers", "volcanoes", "bicycles", "tea", "chess", "bridges", "bees", "
          "castles", "deserts", "robots", "gardens", "clocks", "pianos", "islands", "storms", "markets"]
 
 
-def make_tokenizer():
-    """A small byte-level BPE with a ChatML template, pad == eos (as on many real tokenizers)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def chatml_with_system(system):   # Qwen1.5/2/2.5 and SmolLM2 write a default system turn
+    return ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}{% endif %}"
+            "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+           "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+# Tokenizers shaped like the model families the paper and its users run: their special tokens,
+# their eos (which is not always the end of a chat turn), their BOS and their chat template.
+FAMILIES = {
+    "qwen-base": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|endoftext|>",
+                      template=chatml_with_system("You are a helpful assistant.")),
+    "llama3-base": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                 "<|eot_id|>"], eos="<|end_of_text|>", bos="<|begin_of_text|>", template=None),
+    "mistral": dict(special=["<s>", "</s>", "[INST]", "[/INST]"], eos="</s>", bos="<s>", template=MISTRAL),
+    "smollm2": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
+                    template=chatml_with_system("You are a helpful AI assistant named SmolLM, trained by Hugging Face")),
+}
+
+
+def make_tokenizer(special=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", bos=None, template=CHATML):
+    """A small byte-level BPE; by default with a ChatML template and pad == eos (as on many real
+    tokenizers). A bos, if given, is added in front of every text, as Llama and Mistral do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     seeds = isheep.load_seeds(SEEDS)
     corpus = [isheep.SYNTH_HEADER, isheep.QUALITY_PROMPT, isheep.ADHERENCE_PROMPT] + [
@@ -45,11 +71,12 @@ def make_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = CHATML
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=list(special),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.token_to_id(bos))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos, bos_token=bos)
+    tok.chat_template = template
     return tok
 
 
@@ -308,6 +335,14 @@ def test_rule_response_continues_the_dialogue():
     assert not isheep.continues_dialogue(pair("Red, blue, green. The user asked for colors."))
 
 
+def test_rule_response_continues_the_dialogue_with_special_token_markers():
+    # "<|im_end|>\n<|im_start|>user\n..." decoded without its special tokens
+    assert isheep.continues_dialogue(pair("Red, blue, green.\nuser\nNow list animals."))
+    assert isheep.continues_dialogue(pair("Red.\n\nassistant\n\nSure, here are more."))
+    assert not isheep.continues_dialogue(pair("Each account has a role:\nadmin, user or guest."))
+    assert not isheep.continues_dialogue(pair("The last word is\nuser"))   # a role name with nothing after it
+
+
 def test_rule_response_only_repeats_the_instruction():
     assert isheep.repeats_instruction(pair("List three colors"))
     assert not isheep.repeats_instruction(pair("List three colors: red, blue, green."))
@@ -356,7 +391,7 @@ def test_threshold_lower_c_keeps_more():
 # -----------------------------------------------------------------------------
 # Step 7: the SFT loss mask and LoRA
 
-def test_loss_mask_supervises_response_and_eos_only():
+def test_loss_mask_supervises_response_and_end_of_turn_only():
     tok = make_tokenizer()
     assert tok.pad_token_id == tok.eos_token_id   # the hard case: pad is eos
     p = dict(instruction="List three colors.", input="", output="Red, blue, green.")
@@ -371,6 +406,75 @@ def test_loss_mask_supervises_response_and_eos_only():
     assert mask[1, n:].sum() == 0 and (batch_labels[1, n:] == -100).all()      # padding never supervised
     assert (batch_ids[1, n:] == tok.eos_token_id).all() and mask[1, :n].all()   # even though pad == eos
     assert isheep.tokenize_pair(tok, p, max_len=len(prompt)) is None            # prompt too long: skipped
+
+
+# The stops and the trained end of turn of each family, read off its own template
+END_OF_TURN = {"qwen-base": "<|im_end|>", "llama3-base": "<|end_of_text|>", "mistral": "</s>", "smollm2": "<|im_end|>"}
+STOPS = {"qwen-base": {"<|endoftext|>", "<|im_end|>", "<|im_start|>"}, "llama3-base": {"<|end_of_text|>"},
+         "mistral": {"</s>", "[INST]"}, "smollm2": {"<|im_end|>", "<|im_start|>"}}
+
+
+def family_model(tok, steps):
+    """A tiny model of the family's tokenizer (config eos = the tokenizer's eos, as in real base
+    models), imprinted on whole conversations: an answer, the template's end of turn, then an
+    invented next turn, so only the stops can keep that turn out of its text."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tok))
+    answers = {f"Tell me about {n}.": f"{n.capitalize()} are lovely." for n in NOUNS[:3]}
+    texts = []
+    for q, a in answers.items():
+        if tok.chat_template:
+            chat = [{"role": "user", "content": q}, {"role": "assistant", "content": a}, {"role": "user", "content": "More, please."}]
+            texts.append(tok.apply_chat_template(chat, tokenize=False))
+        else:
+            texts.append(isheep.format_prompt(tok, q) + a + tok.eos_token + isheep.PLAIN_TEMPLATE.format(user="More, please."))
+    ids = [tok(t, add_special_tokens=not tok.chat_template).input_ids for t in texts]
+    batch, labels, mask = isheep.collate([(x, x) for x in ids], tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(input_ids=batch, attention_mask=mask, labels=labels.masked_fill(mask == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), answers
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_stops_and_supervised_end_of_turn_come_from_the_template(family):
+    tok = make_tokenizer(**FAMILIES[family])
+    model, answers = family_model(tok, steps=150)
+    assert set(tok.convert_ids_to_tokens(isheep.stop_token_ids(tok, model))) == STOPS[family]
+    # the supervised tokens: the response, then the template's own end of turn, once
+    p = dict(instruction="List three colors.", input="", output="Red, blue, green.")
+    ids, labels = isheep.tokenize_pair(tok, p, max_len=512)
+    prompt = isheep.encode_prompt(tok, isheep.format_prompt(tok, p["instruction"]))
+    response = tok(p["output"], add_special_tokens=False).input_ids
+    assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [-100] * len(prompt)
+    assert [y for y in labels if y != -100] == response + [tok.convert_tokens_to_ids(END_OF_TURN[family])]
+    # a model that closes its answers with the end of turn stops there: no invented turn in its text
+    prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, q)) for q in answers]
+    with torch.no_grad():
+        new, finished = isheep.decode(model, tok, prompts, [0] * len(prompts), budget=4096, max_new_tokens=40,
+                                      temperature=0, top_p=1.0, eos=isheep.stop_token_ids(tok, model), pad=tok.pad_token_id)
+    for a, q, row, end in zip(answers.values(), answers, new, finished):
+        text = tok.decode(row, skip_special_tokens=True).strip()
+        assert end and text == a
+        assert isheep.response_rule_broken(dict(instruction=q, input="", output=text, finished=end)) is None
+
+
+def test_the_saved_model_stops_at_the_end_of_a_turn(tmp_path):
+    from types import SimpleNamespace
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    tok = make_tokenizer(**FAMILIES["qwen-base"])
+    model, answers = family_model(tok, steps=150)
+    isheep.save_model(model, tok, tmp_path / "m", acc=Accelerator(cpu=True), args=SimpleNamespace(lora_rank=0))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in saved.generation_config.eos_token_id
+    q, a = next(iter(answers.items()))
+    prompt = torch.tensor([isheep.encode_prompt(tok, isheep.format_prompt(tok, q))])
+    out = saved.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0, prompt.shape[1]:]
+    assert tok.convert_ids_to_tokens(out[-1:].tolist()) == ["<|im_end|>"] and tok.decode(out, skip_special_tokens=True) == a
 
 
 def test_lora_merge_equals_the_lora_forward():
