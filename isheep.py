@@ -25,6 +25,8 @@ generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop,
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import functools
 import gc
 import hashlib
@@ -35,6 +37,9 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -100,8 +105,9 @@ def print0(*args, **kwargs):
 
 
 def die(msg):
-    """A failure the user can fix: a clear message, exit code 1, no traceback."""
-    raise SystemExit(f"isheep: error: {msg}")
+    """A failure the user can fix: a clear message (from the main process), exit code 1, no traceback."""
+    main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    raise SystemExit(f"isheep: error: {msg}" if main_process else 1)
 
 
 def seed_for(*parts):
@@ -112,6 +118,16 @@ def seed_for(*parts):
 # -----------------------------------------------------------------------------
 # Data I/O. Every file is written whole to a temporary name and renamed, or appended a line
 # at a time; a torn last line is ignored on read. A kill -9 leaves nothing corrupt.
+
+@contextlib.contextmanager
+def writing(path):
+    """Name the path in an OS error that lacks it: a full disk fails in write() or fsync(),
+    whose errors carry no file name."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 def read_jsonl(path):
     rows = []
@@ -126,7 +142,7 @@ def read_jsonl(path):
 
 def write_atomic(path, text):
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -138,7 +154,7 @@ def write_jsonl(path, rows):
 
 
 def append_jsonl(path, rows):
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
@@ -151,7 +167,7 @@ def load_seeds(path):
     if not path.is_file():
         die(f"seed file {path} does not exist (--seeds takes a JSONL file)")
     seeds = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):   # -sig: a BOM is skipped
         if not line.strip():
             continue
         try:
@@ -1080,8 +1096,15 @@ def save_model(model, tok, save_dir, *, acc, args):
         model = acc.unwrap_model(model)
         model.config.use_cache = True
         model.generation_config.eos_token_id = stop_token_ids(tok, model)   # generate() stops at the end of a turn
-        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")   # safetensors shards
-        tok.save_pretrained(tmp)
+        with writing(tmp):
+            try:
+                model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")   # safetensors shards
+            except Exception as e:   # safetensors reports a full disk as "... (os error 28)", not as an OSError
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None:
+                    raise
+                raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+            tok.save_pretrained(tmp)
         os.replace(tmp, save_dir)
     acc.wait_for_everyone()
 
@@ -1113,6 +1136,31 @@ def load_tokenizer(ref, args):
     if not tok.chat_template:
         print0(f"note: {path} has no chat template; prompts use the plain '### Instruction / ### Response' template")
     return tok
+
+
+def check_model(ref, args):
+    """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of
+    work: a folder without config.json or weights, or a model that is not a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    path, gguf = ref
+    if gguf:
+        return
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            die(f"--model {path} has no config.json: a model folder needs config.json and its weights "
+                f"(*.safetensors), as save_pretrained writes them")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            die(f"--model {path} holds no weights (no *.safetensors or *.bin file)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"cannot read the config of --model {path}: {str(e).splitlines()[0]}")
+    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {})):
+        die(f"--model {path} is a {config.model_type!r} model, not a causal language model "
+            f"(AutoModelForCausalLM cannot load it); I-SHEEP needs a base LM such as Qwen/Qwen1.5-7B")
 
 
 def load_model(ref, args, acc, *, training=False):
@@ -1184,7 +1232,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
         path = rdir / f"{name}.jsonl"
         rows = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else None)
         if rows is None:
-            t0 = time.time()
+            NOW["where"], t0 = f"round {rnd}, stage {name}", time.time()
             rows, st = compute(rdir / f"{name}.raw.jsonl")   # raw generations, kept for inspection
             stats.update(st, **{f"time_{name}": round(time.time() - t0, 1)})
             if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
@@ -1220,7 +1268,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
         data = broadcast_from_main(acc, lambda: [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")]) + kept
     else:
         data = kept
-    t0 = time.time()
+    NOW["where"], t0 = f"round {rnd}, stage sft", time.time()
     train_from = base_ref if args.train_from == "base" else current
     losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd)
     stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
@@ -1259,7 +1307,7 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
         return saved
     if acc.is_main_process:
         rdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    NOW["where"], t0 = f"round {rnd}, stage eval", time.time()
     model = load_model(ref, args, acc)
     prompts = [encode_prompt(tok, format_prompt(tok, s["instruction"], s["input"])) for s in heldout]
     answers = generate_stage(rdir / "eval_answers.raw.jsonl", model, tok, prompts, acc=acc, args=args,
@@ -1392,18 +1440,43 @@ def parse_args(argv=None):
 
 
 # Settings that don't change results; everything else must match to resume a run.
-NOT_IDENTITY = {"out", "overwrite", "no_progress"}
+NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype"}
 
 
-def check_run_identity(args, acc):
-    """Refuse to mix two runs in one folder: run.json holds the settings of the run in --out."""
+def claim_out(args, acc):
+    """Make --out this run's own. Refuse a file or a folder of something else; lock it, so a
+    second run on it stops at once; refuse a run with other settings (run.json); write run.json.
+    The lock is flock on out/.lock, held by the main process until it exits: the kernel drops it
+    when the process dies, so even a kill -9 leaves no stale lock. Returns the lock's open file."""
     out = Path(args.out)
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY and k != "dtype"}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
     if out.exists() and not out.is_dir():
         die(f"--out {out} is a file, not a folder")
     saved_path = out / "run.json"
-    if out.is_dir() and any(out.iterdir()) and not saved_path.exists():
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not saved_path.exists():
         die(f"--out {out} is not empty and holds no isheep run (no run.json); choose a new --out")
+
+    def lock():
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return None, (f"--out {out} is in use by another isheep run ({f.read().strip() or 'pid unknown'}): "
+                          f"wait for it, or choose another --out")
+        except OSError as e:   # a filesystem without locks (README, "Resuming"): run unguarded, and say so
+            print0(f"warning: cannot lock --out {out} ({e.strerror}); make sure no other run uses it")
+            return f, None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        return f, None
+
+    held, busy = lock() if acc.is_main_process else (None, None)
+    busy = broadcast_from_main(acc, lambda: busy)
+    if busy:
+        die(busy)
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
         diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
@@ -1417,12 +1490,39 @@ def check_run_identity(args, acc):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         write_atomic(saved_path, json.dumps(settings, indent=1))
+    return held
+
+
+NOW = {"where": "set-up"}   # what the run is doing: the line a signal ends it with names it
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+def stop_on_signal(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Run I-SHEEP. Ctrl-C, SIGTERM (what Slurm and Kubernetes send before SIGKILL), a full disk
+    or a refused write end the run in one line that says what to do. Files are then as a
+    kill -9 would leave them, whole or ignorable, so the same command resumes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_on_signal)
+    try:
+        run(parse_args(argv))
+    except KeyboardInterrupt as e:
+        sig = e.args[0] if e.args else signal.SIGINT
+        print0(f"isheep: interrupted in {NOW['where']}: rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(128 + sig)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        die(f"{e.filename or '--out'}: {e.strerror}. Free space (or fix permissions) and rerun the same command; "
+            f"finished stages are kept")
+
+
+def run(args):
+    """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
     # cuDNN's attention kernel plans anew for every new shape: each decoding step (the keys grow)
     # and each micro-batch. That made a step of a 0.5B model take 55 ms on an H100 (torch 2.11).
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -1433,7 +1533,8 @@ def main(argv=None):
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
-    check_run_identity(args, acc)
+    check_model(base_ref, args)
+    lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
     n_eval = args.eval_size if args.eval_size is not None else max(8, len(seeds) // 10)
     heldout, pool = split_seeds(seeds, min(n_eval, len(seeds) - FEW_SHOT), args.seed)
     if acc.is_main_process:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -712,6 +713,33 @@ def test_bad_model_path(tmp_path):
     assert r.returncode == 1 and "Hugging Face Hub" in r.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_model_folder_without_config_or_weights_or_not_a_causal_lm(tiny, tmp_path):
+    import shutil
+    from transformers import T5Config
+    no_config = tmp_path / "no_config"
+    shutil.copytree(tiny, no_config)
+    (no_config / "config.json").unlink()   # a tokenizer, weights, but no config.json
+    r = run_cli(tmp_path / "out", model=no_config)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and f"--model {no_config} has no config.json" in r.stderr
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    r = run_cli(tmp_path / "out", model=no_weights)
+    assert r.returncode == 1 and f"--model {no_weights} holds no weights" in r.stderr
+    encoder = tmp_path / "t5"
+    shutil.copytree(tiny, encoder)
+    T5Config(vocab_size=100, d_model=32, num_layers=1, num_heads=2).save_pretrained(encoder)   # an encoder-decoder
+    r = run_cli(tmp_path / "out", model=encoder)
+    assert r.returncode == 1 and "is a 't5' model, not a causal language model" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_file_with_a_utf8_bom_is_read(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_bytes(b"\xef\xbb\xbf" + SEEDS.read_bytes())   # as Windows editors save it
+    assert isheep.load_seeds(seeds) == isheep.load_seeds(SEEDS)
+
+
 def test_out_is_a_file_or_foreign_folder(tiny, tmp_path):
     (tmp_path / "file").write_text("keep me")
     r = run_cli(tmp_path / "file", model=tiny)
@@ -768,32 +796,113 @@ def uninterrupted(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_kill_during_a_stage_then_resume_gives_the_same_data(stage, tiny, uninterrupted, tmp_path):
-    killed = False
-    for attempt in range(4):   # a short stage can slip between two polls on a busy machine: try again
-        out = tmp_path / f"run{attempt}"
-        cmd = [sys.executable, str(HERE / "isheep.py"), "--out", str(out), "--no-progress", "--model", str(tiny), *RESUME]
-        proc = subprocess.Popen(cmd, env=ENV, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:
-            if STAGES[stage](out / "round_1"):
-                proc.kill()   # SIGKILL: no cleanup of any kind
-                killed = True
-                break
-            time.sleep(0.002)
-        proc.wait()
-        if killed:
-            break
-    assert killed, f"the run ended before the {stage} stage could be interrupted, 4 times"
-    r = run_cli(out, *RESUME, model=tiny)
-    assert r.returncode == 0, r.stderr[-3000:]
+def same_data_as(out, uninterrupted):
     for name in ["instructions.jsonl", "responses.jsonl", "scored.jsonl", "train.jsonl"]:
         assert isheep.read_jsonl(out / "round_1" / name) == isheep.read_jsonl(uninterrupted / "round_1" / name), name
     for name in ["round_1/eval.json", "round_0/eval.json"]:
         a, b = (json.loads((d / name).read_text()) for d in (out, uninterrupted))
         assert {k: v for k, v in a.items() if k != "time_eval"} == {k: v for k, v in b.items() if k != "time_eval"}
     assert not (out / "round_1" / "model.tmp").exists()
+
+
+def start_run(out, tiny, flags=RESUME, launch=None):
+    cmd = [sys.executable, str(HERE / "isheep.py")] if launch is None else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(launch),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(29500 + random.randrange(1000)), str(HERE / "isheep.py")]
+    return subprocess.Popen(cmd + ["--out", str(out), "--no-progress", "--model", str(tiny), *flags], env=ENV, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# SIGKILL in every stage; SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes) mid-generation and mid-SFT
+@pytest.mark.parametrize("stage, sig", [(stage, signal.SIGKILL) for stage in STAGES]
+                         + [(stage, sig) for stage in ("responses", "sft") for sig in (signal.SIGINT, signal.SIGTERM)])
+def test_a_signal_during_a_stage_then_resume_gives_the_same_data(stage, sig, tiny, uninterrupted, tmp_path):
+    for attempt in range(4):   # a short stage can slip between two polls on a busy machine: try again
+        out = tmp_path / f"run{attempt}"
+        proc, sent = start_run(out, tiny), False
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if STAGES[stage](out / "round_1"):
+                proc.send_signal(sig)   # SIGKILL: no cleanup of any kind
+                sent = True
+                break
+            time.sleep(0.002)
+        _, stderr = proc.communicate(timeout=120)
+        if sent and proc.returncode != 0:   # not ended just before the signal
+            break
+    assert sent and proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), stderr[-2000:]
+    if sig != signal.SIGKILL:
+        assert f"interrupted in round 1, stage {stage}: rerun the same command to resume" in stderr
+        assert "Traceback" not in stderr
+    r = run_cli(out, *RESUME, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_data_as(out, uninterrupted)
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_goes_on(tiny, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    first = start_run(out, tiny)
+    while first.poll() is None and not (out / "round_0" / "eval_answers.raw.jsonl").exists():
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)   # paused mid-run, so it still runs when the second one starts
+    second = run_cli(out, *RESUME, model=tiny)
+    first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"--out {out} is in use by another isheep run (pid {first.pid} on host" in second.stderr
+    assert "wait for it, or choose another --out" in second.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    same_data_as(out, uninterrupted)
+    assert run_cli(out, *RESUME, model=tiny).returncode == 0   # the lock went with the first run
+
+
+def test_sigterm_to_the_launcher_ends_every_rank(tiny, tmp_path):
+    """Kubernetes sends SIGTERM to the container's first process, the launcher: every rank must end."""
+    out = tmp_path / "run"
+    proc = start_run(out, tiny, launch=2)
+    while proc.poll() is None and not (out / "round_0" / "eval_answers.raw.jsonl").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted in round 0, stage eval: rerun the same command to resume" in stderr
+    alive = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(out).encode() in (p / "cmdline").read_bytes()]
+    assert not alive   # no rank left behind
+
+
+# Full disk: a writer that fails as the OS does, with ENOSPC and no file name
+FULL_DISK = {
+    "jsonl append": """
+real_open = open
+class Full:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *a): self.f.close()
+    def write(self, text): raise OSError(28, "No space left on device")
+def full_open(path, mode="r", **kw):
+    f = real_open(path, mode, **kw)
+    return Full(f) if str(path).endswith("responses.raw.jsonl") and mode == "a" else f
+isheep.open = full_open
+""",
+    "model save": """
+import transformers.modeling_utils, safetensors
+def full(*a, **kw): raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+transformers.modeling_utils.safe_save_file = full
+""",
+}
+
+
+@pytest.mark.parametrize("where, path", [("jsonl append", "round_1/responses.raw.jsonl"), ("model save", "round_1/model.tmp")])
+def test_a_full_disk_ends_in_one_line_and_the_rerun_completes(where, path, tiny, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--no-progress", "--model", str(tiny), *RESUME]
+    code = f"import isheep\n{FULL_DISK[where]}\nisheep.main({args!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=HERE, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{out / path}: No space left on device. Free space (or fix permissions) and rerun the same command" in r.stderr
+    r = run_cli(out, *RESUME, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_data_as(out, uninterrupted)
 
 
 # -----------------------------------------------------------------------------
