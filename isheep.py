@@ -41,6 +41,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -794,6 +795,24 @@ def broadcast_from_main(acc, fn):
     return box[0]
 
 
+# Tracking (--report-to): accelerate's trackers, written by the main process alone, so no rank
+# ever waits on them. A resumed run redoes the stage or the SFT it was in; out/tracking/logged.json
+# keeps the key of everything the trackers got, so nothing reaches them twice.
+LOGGED = {"path": None, "keys": set()}
+
+
+def track(acc, key, values, step, table=None):
+    """Send values at step, once per key; and a table (name, columns, rows) to trackers that take one (wandb)."""
+    if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
+        return
+    acc.log(values, step=step)
+    for tracker in acc.trackers:
+        if table and hasattr(tracker, "log_table"):
+            tracker.log_table(*table, step=step)
+    LOGGED["keys"].add(key)
+    write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
+
+
 # -----------------------------------------------------------------------------
 # Self-synthesis: instructions (steps 1-2), then responses (steps 3-4).
 
@@ -921,6 +940,15 @@ ASSESS_KEYS = dict(both=("quality_score", "following_score"), quality=("quality_
                    adherence=("following_score",))
 
 
+def training_record(pair, fields):
+    """A kept pair as train.jsonl holds it: Alpaca fields and scores (LLaMA-Factory reads them), and
+    the conversation in TRL's prompt-completion form (SFTTrainer reads it, and by default trains
+    on the completion alone, as I-SHEEP does)."""
+    return dict({k: pair[k] for k in fields if k in pair},
+                prompt=[{"role": "user", "content": user_turn(pair["instruction"], pair["input"])}],
+                completion=[{"role": "assistant", "content": pair["output"]}])
+
+
 def filter_by_threshold(pairs, threshold, assess):
     if threshold < 1:
         return list(pairs)
@@ -1014,9 +1042,10 @@ def merge_lora(state_dict, scale):
     return merged
 
 
-def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd):
+def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     """Fine-tune model_ref on pairs; save the merged model to save_dir. Returns the mean loss
-    of each optimizer step (identical on every rank)."""
+    of each optimizer step (identical on every rank). Steps are tracked from first_step on, so
+    the rounds' curves sit side by side on one axis."""
     from tqdm.auto import tqdm
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
     if not examples:
@@ -1068,15 +1097,18 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd):
                     loss = weight * token_loss / step_tokens
                     acc.backward(loss * world * accum)
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(model.parameters(), 1.0)
+                        grad_norm, lr = acc.clip_grad_norm_(model.parameters(), 1.0), scheduler.get_last_lr()[0]
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach()
                 n_tokens += int(mask.sum()) if batch else 0
             losses.append(acc.reduce(step_loss, "sum").item())   # a sync point, once per step
+            rate = n_tokens * world / (time.time() - t0)
+            track(acc, f"sft {first_step + len(losses)}", {"sft/loss": losses[-1], "sft/lr": lr,
+                  "sft/grad_norm": float(grad_norm), "sft/tokens_per_s": rate}, first_step + len(losses))
             bar.update(1)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f}, {n_tokens * world / (time.time() - t0):.0f} tok/s")
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}, {rate:.0f} tok/s")
     bar.close()
     save_model(model, tok, save_dir, acc=acc, args=args)
     del model, optimizer, scheduler
@@ -1233,11 +1265,19 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
         rows = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else None)
         if rows is None:
             NOW["where"], t0 = f"round {rnd}, stage {name}", time.time()
-            rows, st = compute(rdir / f"{name}.raw.jsonl")   # raw generations, kept for inspection
-            stats.update(st, **{f"time_{name}": round(time.time() - t0, 1)})
+            raw = rdir / f"{name}.raw.jsonl"   # raw generations, kept for inspection
+            before = len(read_jsonl(raw)) if raw.exists() else 0
+            rows, st = compute(raw)
+            seconds = time.time() - t0
+            stats.update(st, **{f"time_{name}": round(seconds, 1)})
             if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
                 write_atomic(stats_path, json.dumps(stats, indent=1))
                 write_jsonl(path, rows)
+            made = read_jsonl(raw)[before:] if raw.exists() else []   # what this process generated
+            if made:
+                tokens = sum(r["tokens"] for r in made)
+                track(acc, f"round {rnd} {name}", {f"{name}/items": len(made), f"{name}/tokens": tokens,
+                                                   f"{name}/tok_s": tokens / seconds, f"{name}/seconds": seconds}, rnd)
         return rows
 
     references = [s["instruction"] for s in seeds]
@@ -1259,7 +1299,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     gen.clear()
     free_memory(acc)
     alpaca = ("instruction", "input", "output", "quality_score", "following_score")
-    kept = stage("train", lambda p: ([{k: r[k] for k in alpaca if k in r}
+    kept = stage("train", lambda p: ([training_record(r, alpaca)
                                       for r in filter_by_threshold(scored, args.threshold, args.assess)], {}))
     stats.update(kept=len(kept), **score_summary(scored))
     if not kept:
@@ -1270,7 +1310,8 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
         data = kept
     NOW["where"], t0 = f"round {rnd}, stage sft", time.time()
     train_from = base_ref if args.train_from == "base" else current
-    losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd)
+    first_step = sum(json.loads((out / f"round_{t}" / "stats.json").read_text())["steps"] for t in range(1, rnd))
+    losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd, first_step=first_step)
     stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
                  first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
                  time_sft=round(time.time() - t0, 1))
@@ -1361,6 +1402,18 @@ TABLE = FUNNEL + ["mean_quality_score", "mean_following_score", "share_quality_s
                   "eval_quality", "eval_adherence", "eval_nll"]
 
 
+def round_scalars(stats):
+    """What the trackers show per round: the funnel and the kept share, the scores and the share
+    above 8 (the paper's Figure 4), the held-out evaluation, and the minutes of each stage."""
+    values = {f"funnel/{k}": stats[k] for k in FUNNEL if k in stats}
+    if stats.get("answered"):
+        values["funnel/kept_share"] = stats["kept"] / stats["answered"]
+    values.update({f"scores/{k}": v for k, v in stats.items() if k.startswith(("mean_", "share_")) or k == "unparsable"})
+    values.update({f"eval/{k[5:]}": v for k, v in stats.items() if k.startswith("eval_") and v is not None})
+    values.update({f"minutes/{k[5:]}": v / 60 for k, v in stats.items() if k.startswith("time_")})
+    return values
+
+
 def print_table(rows):
     short = dict(mean_quality_score="quality", mean_following_score="adherence", share_quality_score_above_8="q>8",
                  last_loss="loss", response_rules="resp_rules", eval_quality="ev_qual", eval_adherence="ev_adh")
@@ -1419,6 +1472,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("Runtime")
     g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an uninterrupted one")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER", choices=TRACKERS,
+                   help=f"log to accelerate's trackers: {', '.join(TRACKERS)} (files under --out/tracking/)")
+    g.add_argument("--run-name", help="the trackers' name for this run (default: the folder name of --out)")
     args = p.parse_args(argv)
     if args.model is None:   # the CPU demo: small counts, in one visible place
         p.set_defaults(**DEMO)
@@ -1435,12 +1491,14 @@ def parse_args(argv=None):
         if not ok:
             p.error(msg)
     args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
+    args.run_name = args.run_name or Path(args.out).resolve().name
     args.synth_max_new_tokens = args.synth_max_new_tokens or 2 * args.max_new_tokens
     return args
 
 
 # Settings that don't change results; everything else must match to resume a run.
-NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype"}
+NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id"}
+TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
 
 
 def claim_out(args, acc):
@@ -1450,6 +1508,7 @@ def claim_out(args, acc):
     when the process dies, so even a kill -9 leaves no stale lock. Returns the lock's open file."""
     out = Path(args.out)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
+    args.run_id = uuid.uuid4().hex[:12]   # the trackers' id of this run, kept in run.json across resumes
     if out.exists() and not out.is_dir():
         die(f"--out {out} is a file, not a folder")
     saved_path = out / "run.json"
@@ -1479,18 +1538,20 @@ def claim_out(args, acc):
         die(busy)
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k) and k != "run_id")
         if diff and not args.overwrite:
             die(f"--out {out} holds a run with other settings: "
                 + "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
                 + ". Pass --overwrite to delete it and start over, or choose a new --out.")
-        if args.overwrite and acc.is_main_process:
+        if not args.overwrite:
+            args.run_id = saved.get("run_id", args.run_id)
+        elif acc.is_main_process:
             for child in out.iterdir():   # only what an isheep run writes
-                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl", "heldout.jsonl"):
+                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_atomic(saved_path, json.dumps(settings, indent=1))
+        write_atomic(saved_path, json.dumps(dict(settings, run_id=args.run_id), indent=1))
     return held
 
 
@@ -1527,14 +1588,29 @@ def run(args):
     # and each micro-batch. That made a step of a 0.5B model take 55 ms on an H100 (torch 2.11).
     torch.backends.cuda.enable_cudnn_sdp(False)
     from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import ProjectConfiguration
+    missing = [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]
+    if missing:   # accelerate would drop it silently
+        die(f"--report-to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]})")
     acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
-                      mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+                      mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
+                      log_with=args.report_to or None,
+                      project_config=ProjectConfiguration(project_dir=args.out, logging_dir=Path(args.out) / "tracking"))
     args.dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
     check_model(base_ref, args)
+    first_start = not (Path(args.out) / "run.json").exists()
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
+    if args.report_to:   # TensorBoard: out/tracking/isheep; wandb: project "isheep", resumed by the id in run.json
+        LOGGED.update(path=Path(args.out) / "tracking" / "logged.json")
+        if acc.is_main_process and LOGGED["path"].exists():
+            LOGGED["keys"] = set(json.loads(LOGGED["path"].read_text()))
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in vars(args).items() if k not in NOT_IDENTITY} if first_start else None
+        acc.init_trackers("isheep", config=config, init_kwargs={"wandb": dict(name=args.run_name, id=args.run_id, resume="allow")})
     n_eval = args.eval_size if args.eval_size is not None else max(8, len(seeds) // 10)
     heldout, pool = split_seeds(seeds, min(n_eval, len(seeds) - FEW_SHOT), args.seed)
     if acc.is_main_process:
@@ -1546,6 +1622,8 @@ def run(args):
            f"{acc.num_processes} process(es) on {acc.device}{' with --tp' if args.tp else ''}; "
            f"{len(pool)} seeds for few-shot, {n_eval} held out; output in {args.out}/")
     rounds = [dict(round=0, **evaluate(0, base_ref, base_ref, tok, heldout, acc=acc, args=args))] if heldout else []
+    if rounds:
+        track(acc, "round 0", round_scalars(rounds[0]), 0)
     for rnd in range(1, args.iters + 1):
         stats = run_iteration(rnd, base_ref, tok, seeds, pool, acc=acc, args=args)
         if heldout:
@@ -1554,6 +1632,11 @@ def run(args):
         rounds.append(stats)
         if acc.is_main_process:
             write_jsonl(Path(args.out) / "metrics.jsonl", rounds)
+            kept = read_jsonl(Path(args.out) / f"round_{rnd}" / "train.jsonl")
+            sample = random.Random(seed_for(args.seed, rnd, "table")).sample(kept, min(50, len(kept)))
+            columns = ["instruction", "input", "output", "quality_score", "following_score"]
+            track(acc, f"round {rnd}", round_scalars(stats), rnd,
+                  table=(f"kept_pairs/round_{rnd}", columns, [[r.get(c) for c in columns] for r in sample]))
         print0(f"round {rnd}: " + ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
                + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}"
                + (f", held-out quality {stats['eval_quality']}, NLL {stats['eval_nll']}" if heldout else ""))

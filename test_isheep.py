@@ -617,7 +617,8 @@ def test_one_round_end_to_end_on_a_tiny_model(tiny, tmp_path):
     kept = isheep.read_jsonl(rd / "train.jsonl")
     assert 1 <= len(tasks) <= 6 and all(isheep.instruction_rule_broken(t) is None for t in tasks)
     assert len(pairs) == len(scored) >= len(kept) >= 1
-    assert all(set(k) == {"instruction", "input", "output", "quality_score", "following_score"} for k in kept)
+    assert all(set(k) == {"instruction", "input", "output", "quality_score", "following_score", "prompt", "completion"}
+               for k in kept)
     assert all(k["quality_score"] > 8 and k["following_score"] > 8 for k in kept)
     metrics = isheep.read_jsonl(out / "metrics.jsonl")
     assert metrics[0]["kept"] == len(kept) and metrics[0]["dedup"] >= len(tasks)
@@ -958,3 +959,89 @@ def test_eval_size_zero_turns_evaluation_off(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (tmp_path / "run" / "round_0").exists() and not (tmp_path / "run" / "round_1" / "eval.json").exists()
     assert "eval_nll" not in isheep.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+
+
+# -----------------------------------------------------------------------------
+# The tools researchers use: TensorBoard (and any accelerate tracker), datasets, TRL
+
+TRACKED = [*TINY_ROUND, "--iters", "2", "--eval-size", "8", "--temperature", "1.0", "--report-to", "tensorboard"]
+
+
+def scalars(out):
+    """Every scalar the run's TensorBoard files hold, {tag: [(step, value), ...]}, duplicates kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tracking" / "isheep"), purge_orphaned_data=False)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny, tmp_path_factory):
+    pytest.importorskip("tensorboard")
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    r = run_cli(out, *TRACKED, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_tensorboard_holds_each_sft_step_each_round_and_the_heldout_scores(tracked):
+    s = scalars(tracked)
+    losses = [r["loss"] for t in (1, 2) for r in isheep.read_jsonl(tracked / f"round_{t}" / "losses.jsonl")]
+    assert [step for step, _ in s["sft/loss"]] == list(range(1, len(losses) + 1))   # one axis across rounds
+    assert [v for _, v in s["sft/loss"]] == pytest.approx(losses, rel=1e-6)
+    assert {"sft/lr", "sft/grad_norm", "sft/tokens_per_s"} <= set(s)
+    metrics = isheep.read_jsonl(tracked / "metrics.jsonl")   # rounds 0, 1, 2
+    for key in isheep.FUNNEL:
+        assert s[f"funnel/{key}"] == [(m["round"], pytest.approx(m[key])) for m in metrics[1:]], key
+    for key in ["quality", "adherence", "nll"]:
+        assert s[f"eval/{key}"] == [(m["round"], pytest.approx(m[f"eval_{key}"])) for m in metrics], key
+    assert [step for step, _ in s["scores/share_quality_score_above_8"]] == [1, 2]
+    for stage in ["instructions", "responses", "scored"]:   # each generation stage, once a round
+        assert [step for step, _ in s[f"{stage}/tok_s"]] == [1, 2] and all(v > 0 for _, v in s[f"{stage}/tokens"])
+
+
+def test_a_killed_and_resumed_run_logs_every_scalar_once(tiny, tracked, tmp_path):
+    out = tmp_path / "run"
+    proc = start_run(out, tiny, flags=TRACKED)
+    while proc.poll() is None and not STAGES["sft"](out / "round_2"):
+        time.sleep(0.002)
+    proc.kill()
+    proc.communicate()
+    assert (out / "round_1" / "model").exists() and not (out / "round_2" / "model").exists()
+    r = run_cli(out, *TRACKED, model=tiny)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed, whole = scalars(out), scalars(tracked)
+    assert set(resumed) == set(whole)
+    for tag in whole:   # the same steps, each once; timings aside, the same values
+        assert [step for step, _ in resumed[tag]] == [step for step, _ in whole[tag]], tag
+        if tag.startswith(("funnel/", "eval/", "scores/", "sft/loss")):
+            assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in whole[tag]], rel=1e-5), tag
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_its_install(tiny, tmp_path):
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    r = run_cli(tmp_path / "out", "--report-to", "wandb", model=tiny)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "--report-to wandb: the wandb package is not installed (pip install wandb)" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_jsonl_loads_unchanged_in_datasets_and_trl(tiny, tracked, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ds = datasets.load_dataset("json", data_files=str(tracked / "round_1" / "train.jsonl"), split="train")
+    assert {"instruction", "input", "output", "quality_score", "following_score", "prompt", "completion"} <= set(ds.column_names)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    for row in ds:   # the chat template on prompt + completion: the ids isheep trains on, then the template's newline
+        ids, labels = isheep.tokenize_pair(tok, row, 4096)
+        full = tok(tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False), add_special_tokens=False).input_ids
+        assert full[:len(ids)] == ids and tok.decode(full[len(ids):]).strip() == ""
+    trl = pytest.importorskip("trl")
+    config = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                           save_strategy="no", use_cpu=True, dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny), args=config, train_dataset=ds, processing_class=tok)
+    first = trainer.train_dataset[0]   # TRL's own tokenization: it supervises what isheep supervises
+    ids, labels = isheep.tokenize_pair(tok, ds[0], 4096)
+    assert first["input_ids"][:len(ids)] == ids and first["labels"][:len(labels)] == labels
+    assert trainer.train().global_step == 1
