@@ -398,8 +398,9 @@ def stop_token_ids(tok, model):
 
 
 def batch_token_budget(model, args):
-    """--gen-batch-tokens, else 32768 on CPU, else what half of the GPU memory left beside the
-    weights holds as KV cache: 2 (K, V) x layers x kv_heads x head_dim x bytes per token, /N under --tp.
+    """--gen-batch-tokens, else 32768 on CPU, else what 70% of the GPU memory left beside the
+    weights holds as KV cache (allocated up front, so nothing else grows into it): 2 (K, V) x
+    layers x kv_heads x head_dim x bytes per token, /N under --tp.
     (Qwen1.5-72B: 2.6 MB a token; Qwen1.5-7B: 0.5 MB; SmolLM2-135M: 23 kB.)"""
     if args.gen_batch_tokens or model.device.type != "cuda":
         return args.gen_batch_tokens or 32768
@@ -410,7 +411,7 @@ def batch_token_budget(model, args):
     shards = torch.distributed.get_world_size() if args.tp else 1
     weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards
     free = torch.cuda.get_device_properties(model.device).total_memory - weights
-    return max(2048, int(0.5 * free / (per_token / shards)))
+    return max(2048, int(0.7 * free / (per_token / shards)))
 
 
 def generation_units(prompts, max_new_tokens, budget):
@@ -429,13 +430,17 @@ def generation_units(prompts, max_new_tokens, budget):
     return units
 
 
-def sample(logits, temperature, top_p, uniforms):
+def sample(logits, temperature, top_p, uniforms, cascade=True):
     """Next tokens from last-position logits: greedy at temperature 0, else nucleus sampling
     (the smallest set of tokens whose probability reaches top_p; no top-k, as in the paper) by
-    inverse CDF, one uniform draw per row: a row's token depends on its own draw alone."""
+    inverse CDF, one uniform draw per row: a row's token depends on its own draw alone.
+    cascade=False sorts the whole vocabulary for every row: the same shapes every step, as a
+    CUDA graph needs."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
+    if not cascade:
+        return nucleus_draw(*probs.sort(-1, descending=True), uniforms, top_p)
     token, rows = torch.empty_like(uniforms, dtype=torch.long), torch.arange(len(probs), device=probs.device)
     # A CPU sorts a 49k vocabulary in 1.5 ms a row; most rows' nucleus is within their top 64 or 1024.
     for k in [64, 1024, 8192, probs.shape[-1]]:
@@ -455,104 +460,85 @@ def nucleus_draw(probs, order, uniforms, top_p):
     return order.gather(-1, pick).squeeze(-1)
 
 
-@functools.cache
-def appending_layer():
-    """The class of a KV cache layer like transformers' DynamicLayer, but a step writes its new
-    column into spare room instead of concatenating, which copies the whole cache: 20% of a CPU
-    decode step at 48 rows. The room is made anew (128 columns ahead) when it runs out, and
-    after a merge or a trim has replaced the tensors."""
-    from transformers.cache_utils import DynamicLayer
-
-    class AppendingLayer(DynamicLayer):
-        room = None   # [keys, values] with spare columns; self.keys/values are views of its start
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            used, n = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
-            if self.room is None or used + n > self.room[0].shape[-2]:
-                shape = (*key_states.shape[:2], used + n + 128, key_states.shape[-1])
-                self.room = [key_states.new_empty(shape), value_states.new_empty(shape)]
-                if used:
-                    self.room[0][:, :, :used], self.room[1][:, :, :used] = self.keys, self.values
-            self.room[0][:, :, used:used + n] = key_states
-            self.room[1][:, :, used:used + n] = value_states
-            self.keys, self.values = self.room[0][:, :, :used + n], self.room[1][:, :, :used + n]
-            return self.keys, self.values
-
-        def replace(self, keys, values):   # after a merge or a trim
-            self.keys, self.values, self.room = keys, values, None
-
-        def batch_select_indices(self, indices):   # keep the room (one copy, not two)
-            if self.room is None:
-                return super().batch_select_indices(indices)
-            used = self.keys.shape[-2]
-            self.room = [r[indices] for r in self.room]
-            self.keys, self.values = self.room[0][:, :, :used], self.room[1][:, :, :used]
-
-    return AppendingLayer
-
-
-def new_cache(model):
-    """An empty KV cache for the model, and whether rows can join it. They can when every layer
-    is a plain full-attention one (not sliding-window, not linear-attention): those are the
-    layers whose columns line up across rows, and they then append in place (appending_layer)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-    cache = DynamicCache(config=model.config)
-    joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
-    if joinable:
-        cache.layers = [appending_layer()() for _ in cache.layers]
-    return cache, joinable
-
-
 class Lane:
-    """Rows that share one KV cache: prefilled together, or merged since. Rows are left-padded,
-    so every row's next token goes into the same cache column; the mask comes from prompt
-    lengths, never from token ids."""
+    """Rows that share one static KV cache: per layer, keys and values of rows x kv_heads x
+    columns x head_dim, allocated once, on the layer's first write (so they take whatever shape
+    the layer writes: GQA, or a slice of the heads under --tp). A row's prompt sits left-padded
+    in columns start..L-1 of its slot; each step writes one column at the row's own position and
+    attends the first `width` columns, masked by [start, pos]. Rows fill slots 0..n-1 and a row
+    that ends is replaced by the last one, so no step copies the cache. transformers' attention
+    layers call update() as they would a Cache's."""
 
-    def __init__(self, model, prompts, items, pad):
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        self.items, self.mask = items, mask.to(model.device)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache, self.joinable = new_cache(model)
-        self.logits = model(input_ids=ids.to(model.device), attention_mask=self.mask, position_ids=positions,
-                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.next_pos = positions[:, -1] + 1
+    def __init__(self, slots, columns, device):
+        self.slots, self.columns, self.kv = slots, columns, {}
+        self.items, self.lengths = [], []   # per row: its item, and its columns in use (a host copy of pos)
+        self.pos, self.start, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(3))
+        self.uniform = torch.full((slots,), 0.5, device=device)   # this step's draw, per row
+        self.rows, self.batch, self.width, self.column, self.prefilling = torch.arange(slots, device=device), 0, 1, None, None
 
-    def real_share(self, other):
-        """The share of real tokens (not padding) in the cache that merging other would make."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        return int(self.mask.sum() + other.mask.sum()) / ((len(self.items) + len(other.items)) * width)
+    def update(self, keys, values, layer, **kwargs):
+        if layer not in self.kv:
+            shape = (self.slots, keys.shape[1], self.columns, keys.shape[-1])
+            self.kv[layer] = keys.new_zeros(shape), values.new_zeros(shape)   # zeros: masked columns stay finite
+        k, v = self.kv[layer]
+        if self.prefilling is not None:   # new rows' prompts, from column 0; each attends to itself alone
+            k[self.prefilling, :, :keys.shape[2]], v[self.prefilling, :, :keys.shape[2]] = keys, values
+            return keys, values
+        n = len(keys)
+        if self.column is not None:   # every row at the same column: a slice, cheaper than an index on a CPU
+            k[:n, :, self.column], v[:n, :, self.column] = keys[:, :, 0], values[:, :, 0]
+        else:
+            k[self.rows[:n], :, self.pos[:n]], v[self.rows[:n], :, self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
+        return k[:n, :, :self.width], v[:n, :, :self.width]
 
-    def merge(self, other):
-        """Take other's rows in: both caches are left-padded to the wider one and stacked."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        left = lambda t, dim: F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (width - t.shape[dim], 0))
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.replace(torch.cat([left(mine.keys, 2), left(theirs.keys, 2)]),
-                         torch.cat([left(mine.values, 2), left(theirs.values, 2)]))
-        self.mask = torch.cat([left(self.mask, 1), left(other.mask, 1)])
-        self.items = self.items + other.items
-        self.logits = torch.cat([self.logits, other.logits])
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+    def add(self, model, prompts, items, pad):
+        """Prefill prompts into the next free rows; returns their last-position logits."""
+        a, (g, width) = len(self.items), (len(prompts), max(map(len, prompts)))
+        ids = torch.full((g, width), pad, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+        start = torch.tensor([width - len(p) for p in prompts], device=self.pos.device)
+        col = torch.arange(width, device=start.device)
+        mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= start[:, None, None])
+        self.prefilling = slice(a, a + g)
+        try:
+            logits = model(input_ids=ids.to(start.device), attention_mask=mask[:, None], cache=self, logits_to_keep=1,
+                           position_ids=(col[None, :] - start[:, None]).clamp(min=0)).logits[:, -1]
+        finally:
+            self.prefilling = None
+        self.start[a:a + g], self.pos[a:a + g] = start, width
+        self.items += items
+        self.lengths += [width] * g
+        return logits
 
     def keep(self, rows):
-        """Drop all rows but `rows`, then the leading cache columns that are padding in every row left."""
-        index = torch.tensor(rows, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
-        self.items = [self.items[r] for r in rows]
-        start = int(self.mask.any(0).int().argmax()) if self.joinable else 0   # other layers keep their own lengths
-        if start:
-            for layer in self.cache.layers:
-                layer.replace(layer.keys[:, :, start:], layer.values[:, :, start:])
-            self.mask = self.mask[:, start:]
+        """Keep only these rows (ascending): each kept row beyond the new count moves into a freed slot."""
+        n, kept = len(rows), set(rows)
+        holes = [r for r in range(n) if r not in kept]
+        movers = [r for r in rows if r >= n]
+        if movers:
+            src, dst = torch.tensor(movers, device=self.pos.device), torch.tensor(holes, device=self.pos.device)
+            used = max(self.lengths[r] for r in movers)
+            for k, v in self.kv.values():
+                k[dst, :, :used], v[dst, :, :used] = k[src, :, :used], v[src, :, :used]
+            for t in (self.pos, self.start, self.token):
+                t[dst] = t[src]
+            for h, m in zip(holes, movers):
+                self.items[h], self.lengths[h] = self.items[m], self.lengths[m]
+        del self.items[n:], self.lengths[n:]
+
+
+class Lanes:
+    """The cache the model sees in a step over several lanes (CPU): each layer's new keys and
+    values go to their own lane, and the attention gets each lane's columns back, as lists."""
+
+    def __init__(self, lanes):
+        self.lanes = lanes
+
+    def update(self, keys, values, layer, **kwargs):
+        out = [lane.update(k, v, layer) for lane, k, v in zip(self.lanes, *(t.split([l.batch for l in self.lanes])
+                                                                             for t in (keys, values)))]
+        return [k for k, _ in out], [v for _, v in out]
 
 
 LANE_ATTENTION = "isheep_lanes"
@@ -560,9 +546,8 @@ LANE_ATTENTION = "isheep_lanes"
 
 @functools.cache
 def register_lane_attention():
-    """Register LANE_ATTENTION with transformers: SDPA, as the model's own, on a batch in one
-    tensor; and on keys and values that come as a list, one tensor per lane (LaneCache), SDPA a
-    lane at a time over that lane's own columns."""
+    """Register LANE_ATTENTION with transformers: SDPA on a batch in one tensor, and on keys and
+    values that come as lists (Lanes), SDPA a lane at a time over that lane's own columns."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -573,7 +558,7 @@ def register_lane_attention():
         out, start = [], 0
         for k, v in zip(key, value):
             rows = slice(start, start + len(k))
-            mask = attention_mask[rows, :, :, -k.shape[-2]:]   # the mask is left-padded to the widest lane
+            mask = attention_mask[rows, :, :, :k.shape[-2]]   # the mask is as wide as the widest lane
             out.append(sdpa_attention_forward(module, query[rows], k, v, mask, **kwargs)[0])
             start = rows.stop
         return torch.cat(out), None
@@ -584,151 +569,175 @@ def register_lane_attention():
 
 @contextlib.contextmanager
 def lane_attention(model):
-    """For one decode, a model on SDPA attends with LANE_ATTENTION (the same SDPA, plus lanes).
-    Yields whether it does; other attentions (flash-attention, eager) decode in one lane."""
-    if model.config._attn_implementation != "sdpa":
-        yield False
-        return
+    """For one decode, the model attends with LANE_ATTENTION (SDPA over the lanes' boolean
+    masks), whatever it was loaded with; then its own attention comes back."""
     register_lane_attention()
+    own = model.config._attn_implementation
     model.set_attn_implementation(LANE_ATTENTION)
     try:
-        yield True
+        yield
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(own)
 
 
-class LaneCache:
-    """The cache the model sees in a step over several lanes: each layer's new keys and values
-    are split by lane and appended to that lane's cache, and the attention gets the lanes'
-    whole keys and values back as lists."""
-
-    def __init__(self, lanes):
-        self.lanes = lanes
-
-    def update(self, keys, values, layer, *args, **kwargs):
-        all_keys, all_values, start = [], [], 0
-        for lane in self.lanes:
-            rows = slice(start, start + len(lane.items))
-            k, v = lane.cache.layers[layer].update(keys[rows], values[rows])
-            all_keys.append(k)
-            all_values.append(v)
-            start = rows.stop
-        return all_keys, all_values
+def decode_step(model, lanes, temperature, top_p, cascade=True):
+    """One step of every lane's first `batch` rows: feed each row's token at its position, write
+    its keys and values into its lane, sample the next token from the row's draw. The same
+    tensors every time for one lane and (batch, width): the step a CUDA graph captures."""
+    col = torch.arange(max(lane.width for lane in lanes), device=lanes[0].pos.device)
+    pos, start = (torch.cat([getattr(lane, t)[:lane.batch] for lane in lanes]) for t in ("pos", "start"))
+    mask = (col >= start[:, None]) & (col <= pos[:, None])
+    logits = model(input_ids=torch.cat([lane.token[:lane.batch] for lane in lanes])[:, None], use_cache=True,
+                   attention_mask=mask[:, None, None], position_ids=(pos - start)[:, None],
+                   cache=lanes[0] if len(lanes) == 1 else Lanes(lanes)).logits[:, -1]
+    token = sample(logits, temperature, top_p, torch.cat([lane.uniform[:lane.batch] for lane in lanes]), cascade)
+    for lane, part in zip(lanes, token.split([lane.batch for lane in lanes])):
+        lane.token[:lane.batch] = part
+        lane.pos[:lane.batch] += 1
+    return token
 
 
-class RunningBatch:
-    """The rows being decoded, in lanes. A lane of its own costs an attention call per layer a
-    step; sharing a lane costs the padding up to its widest row, every step, in every row. So a
-    newly prefilled lane merges into the lane it pads least when at least 3/4 of the merged
-    cache would be real tokens, and else runs beside it: a 1,400-token prompt among 50-token
-    ones widens only its own lane. Without lane attention, everything merges into one lane."""
-
-    def __init__(self, lanes_on):
-        self.lanes, self.lanes_on = [], lanes_on
-
-    @property
-    def items(self):
-        return [i for lane in self.lanes for i in lane.items]
-
-    @property
-    def logits(self):
-        return torch.cat([lane.logits for lane in self.lanes])
-
-    def add(self, lane):
-        best = max(self.lanes, key=lane.real_share, default=None)
-        if best is not None and (not self.lanes_on or lane.real_share(best) >= 0.75):
-            best.merge(lane)
-        else:
-            self.lanes.append(lane)
-
-    def keep(self, rows):
-        """Drop all rows but `rows` (positions in self.items), and the lanes left empty."""
-        start, lanes = 0, []
-        for lane in self.lanes:
-            mine = [r - start for r in rows if start <= r < start + len(lane.items)]
-            start += len(lane.items)
-            if mine:
-                if len(mine) < len(lane.items):
-                    lane.keep(mine)
-                lanes.append(lane)
-        self.lanes = lanes
-
-    def step(self, model, token):
-        """Feed each row its new token; logits for the next."""
-        for lane in self.lanes:
-            lane.mask = torch.cat([lane.mask, lane.mask.new_ones(len(lane.items), 1)], dim=1)
-        if len(self.lanes) == 1:
-            mask, cache = self.lanes[0].mask, self.lanes[0].cache
-        else:   # one forward for every row; the attention splits it by lane again
-            width = max(lane.mask.shape[1] for lane in self.lanes)
-            mask = torch.cat([F.pad(lane.mask, (width - lane.mask.shape[1], 0)) for lane in self.lanes])
-            mask, cache = mask.bool()[:, None, None, :], LaneCache(self.lanes)
-        positions = torch.cat([lane.next_pos for lane in self.lanes])
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
-                       cache=cache, use_cache=True).logits[:, -1]
-        for lane, part in zip(self.lanes, logits.split([len(lane.items) for lane in self.lanes])):
-            lane.logits, lane.next_pos = part, lane.next_pos + 1
+def capture(fn, state):
+    """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in
+    between. The warm-up run first (lazy initialisations can't happen during a capture) changes
+    the tensors in `state`, which are put back."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=GRAPH_POOL.setdefault("pool", torch.cuda.graph_pool_handle())):
+        out = fn()
+    return graph, out
 
 
-def how_many_fit(prompts, queue, running, budget, max_new_tokens, lanes):
-    """How many of the (non-empty) queue's prompts fit beside the running rows in a budget of
-    cached tokens. In lanes a row costs its own prompt + max_new_tokens; in one padded lane,
-    the longest prompt's. One at least, when nothing runs."""
-    lengths = [len(prompts[i]) for i in running]
-    rows, total, widest, k = len(lengths), sum(lengths), max(lengths, default=0), 0
+def graph_shape(lane, rows, width):
+    """The rows and columns a GPU step runs on: rows rounded up to a power of 2 (to 16) or a
+    multiple of 16, columns to a multiple of 256, so that few shapes, each captured once, serve a
+    whole decode. The spare rows read and write only free slots."""
+    rows = 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // 16) * 16
+    return min(lane.slots, rows), min(lane.columns, -(-width // 256) * 256)
+
+
+GRAPH_POOL = {}   # one memory pool for every captured step: they never run at once
+SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
+
+
+def lane_groups(queue, prompts, max_tokens):
+    """Cut length-sorted prompts into groups that pad no prompt past 1.25x its length (+8) when
+    left-padded to the group's longest, and that prefill at most max_tokens at once."""
+    groups = []
     for i in queue:
-        rows, total, widest = rows + 1, total + len(prompts[i]), max(widest, len(prompts[i]))
-        if (total if lanes else rows * widest) + rows * max_new_tokens > budget:
-            break
-        k += 1
-    return k or int(not running)
+        n = len(prompts[i])
+        if not groups or n > 1.25 * len(prompts[groups[-1][0]]) + 8 or (len(groups[-1]) + 1) * n > max_tokens:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad,
-           stop_strings=(), on_finish=lambda: None):
-    """Continuous batching of prompts (token id lists). The waiting prompts, shortest first,
-    join the running batch while they fit in the budget (how_many_fit), and only once a quarter
-    of the batch could join (a join is a prefill, and may copy a lane's cache). They are
-    prefilled in groups that pad no prompt past 1.25x its length (+8), and each group becomes a
-    lane or merges into one (RunningBatch.add). A row that ends (EOS, a stop string, the length
-    cap) leaves at once. Item i draws its tokens from random.Random(seeds[i]). Returns (new
-    tokens, finished) per prompt."""
+           stop_strings=(), on_finish=lambda: None, one_lane=False, graphs=False):
+    """Continuous batching of prompts (token id lists) on static KV caches. The waiting prompts,
+    shortest first, join while they fit in the budget, and only once a quarter of the batch
+    could join (a join is a prefill). A row that ends (EOS, a stop string, the length cap)
+    leaves its lane. Item i draws its tokens from random.Random(seeds[i]), one draw a token.
+    one_lane (a GPU's way): every row lives in one lane that holds `budget` tokens; steps run
+    SYNC_EVERY at a time between two reads of their tokens, on a few row counts and widths, each
+    step captured once as a CUDA graph if `graphs`. Else (a CPU's way) each group of similar
+    lengths (lane_groups) gets a lane of its own, so a long prompt widens only its own lane, and
+    steps run one at a time. Returns (new tokens, finished) per prompt."""
+    device, k = model.device, SYNC_EVERY if one_lane else 1
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
-    new, finished = [[] for _ in prompts], [False] * len(prompts)
-    eos = set(eos)
-    joinable = new_cache(model)[1]
-    with lane_attention(model) as lanes_on:
-        lanes_on = lanes_on and joinable
-        batch = RunningBatch(lanes_on)
-        while queue or batch.lanes:
-            running = batch.items
-            k = how_many_fit(prompts, queue, running, budget, max_new_tokens, lanes_on) if queue else 0
-            if k and (k == len(queue) or k >= len(running) // 4) and (joinable or not running):
-                joining, queue = queue[:k], queue[k:]
-                while joining:   # shortest first, so each group is a prefix (all of it, if rows can't join)
-                    cap = 1.25 * len(prompts[joining[0]]) + 8 if joinable else math.inf
-                    group = [i for i in joining if len(prompts[i]) <= cap]
-                    joining = joining[len(group):]
-                    batch.add(Lane(model, [prompts[i] for i in group], group, pad))
-            items = batch.items
-            uniforms = torch.tensor([draws[i].random() for i in items], device=model.device) if temperature else None
-            token = sample(batch.logits, temperature, top_p, uniforms)
-            keep = []
-            for r, t in enumerate(token.tolist()):   # a CPU-GPU sync point, once a step
-                i = items[r]
-                new[i].append(t)
-                finished[i] = t in eos or any(s in tok.decode(new[i][-8:]) for s in stop_strings)
-                if finished[i] or len(new[i]) == max_new_tokens:
-                    on_finish()
+    new, finished, done, captured = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts), {}
+    columns = max(map(len, prompts)) + max_new_tokens + k
+    lanes = [Lane(min(len(prompts), max(1, budget // columns)), columns, device)] if one_lane else []
+
+    def advance(i, tokens):   # item i made these tokens: keep them up to its end, and say if it ended
+        for t in tokens:
+            new[i].append(t)
+            finished[i] = t in eos
+            if finished[i] or len(new[i]) == max_new_tokens:
+                break
+        finished[i] = finished[i] or any(s in tok.decode(new[i][-8 - len(tokens):]) for s in stop_strings)
+        done[i] = finished[i] or len(new[i]) == max_new_tokens
+        if done[i]:
+            on_finish()
+
+    with lane_attention(model):
+        while queue or any(lane.items for lane in lanes):
+            running = [i for lane in lanes for i in lane.items]
+            fit = min(len(queue), lanes[0].slots - len(running)) if one_lane else \
+                how_many_fit(prompts, queue, running, budget, max_new_tokens)
+            if fit and (fit == len(queue) or fit >= len(running) // 4):
+                joining, queue = queue[:fit], queue[fit:]
+                for group in lane_groups(joining, prompts, PREFILL_TOKENS):
+                    if not one_lane:
+                        lanes.append(Lane(len(group), max(len(prompts[i]) for i in group) + max_new_tokens + 1, device))
+                    lane, a = lanes[-1], len(lanes[-1].items)
+                    logits = lane.add(model, [prompts[i] for i in group], group, pad)
+                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p,
+                                                          torch.tensor([draws[i].random() for i in group], device=device))
+                    for i, t in zip(group, lane.token[a:a + len(group)].tolist()):   # a row can end on its first token
+                        advance(i, [t])
+            for lane in lanes:   # rows that ended leave; the last rows take their slots
+                lane.keep([r for r, i in enumerate(lane.items) if not done[i]])
+            lanes = [lane for lane in lanes if lane.items or one_lane]
+            if not any(lane.items for lane in lanes):
+                continue
+            for lane in lanes:   # this window's rows and columns: exact on a CPU, a few sizes to capture on a GPU
+                n, need = len(lane.items), max(lane.lengths) + k
+                lane.batch, lane.width = graph_shape(lane, n, need) if one_lane else (n, need)
+                lane.column = None if one_lane else lane.lengths[0]   # a CPU lane's rows all joined together
+                lane.pos[n:lane.batch], lane.start[n:lane.batch] = 0, 0   # a graph's spare rows: harmless
+            items = [i for lane in lanes for i in lane.items + [None] * (lane.batch - len(lane.items))]
+            uniforms = torch.tensor([[draws[i].random() if i is not None else 0.5 for i in items] for _ in range(k)],
+                                    device=device)
+            tokens = []
+            for j in range(k):
+                a = 0
+                for lane in lanes:
+                    lane.uniform[:lane.batch] = uniforms[j, a:a + lane.batch]
+                    a += lane.batch
+                key = (lanes[0].batch, lanes[0].width)
+                if graphs and key not in captured:
+                    try:
+                        captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade=False),
+                                                state=[lanes[0].pos, lanes[0].token])
+                    except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
+                        print0(f"note: decoding without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                        graphs = False
+                if graphs:
+                    captured[key][0].replay()
+                    tokens.append(captured[key][1].clone())
                 else:
-                    keep.append(r)
-            if len(keep) < len(items):
-                token = token[torch.tensor(keep, device=token.device, dtype=torch.long)]
-                batch.keep(keep)
-            if batch.lanes:
-                batch.step(model, token)
+                    tokens.append(decode_step(model, lanes, temperature, top_p, cascade=not one_lane))
+            made = torch.stack(tokens).T.tolist()   # a CPU-GPU sync point, once every k steps
+            for i, row in zip(items, made):
+                if i is not None:
+                    advance(i, row)
+            for lane in lanes:
+                lane.lengths = [n + k for n in lane.lengths]
     return new, finished
+
+
+PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
+
+
+def how_many_fit(prompts, queue, running, budget, max_new_tokens):
+    """How many of the (non-empty) queue's prompts fit beside the running rows in a budget of
+    cached tokens, a row costing its prompt + max_new_tokens. One at least, when nothing runs."""
+    total, fit = sum(len(prompts[i]) + max_new_tokens for i in running), 0
+    for i in queue:
+        total += len(prompts[i]) + max_new_tokens
+        if total > budget:
+            break
+        fit += 1
+    return fit or int(not running)
 
 
 @torch.no_grad()
@@ -747,6 +756,7 @@ def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     budget = batch_token_budget(model, args)
     units = [u for u in generation_units(prompts, max_new_tokens, budget) if not all(i in done for i in u)]
+    gpu = model.device.type == "cuda"
     # With --tp every rank holds a slice of every layer and must run the same unit.
     world, rank = (1, 0) if args.tp else (acc.num_processes, acc.process_index)
     bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item",
@@ -757,8 +767,8 @@ def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top
         for unit in units[c:c + world][rank:rank + 1]:
             new, finished = decode(model, tok, [prompts[i] for i in unit], [seed_for(seed, i) for i in unit],
                                    budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, eos=eos, pad=pad, stop_strings=stop_strings,
-                                   on_finish=bar.update)
+                                   top_p=top_p, eos=eos, pad=pad, stop_strings=stop_strings, on_finish=bar.update,
+                                   one_lane=gpu, graphs=gpu and not args.tp)   # --tp: collectives stay out of graphs
             for i, row, end in zip(unit, new, finished):
                 text = tok.decode(row, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop_strings if s in text), default=-1)

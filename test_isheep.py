@@ -519,47 +519,53 @@ def poet_prompts(tok):
             for k, n in zip([1, 3, 1, 2, 5, 1, 2], NOUNS)]
 
 
-# Budget 4096: every prompt at once; 160: 2-3 rows at a time, the rest joining. Eager attention has no lanes.
-@pytest.mark.parametrize("budget,attention", [(4096, "sdpa"), (160, "sdpa"), (160, "eager")])
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, budget, attention, monkeypatch):
-    from types import SimpleNamespace
-    from accelerate import Accelerator
+def spy_steps(monkeypatch):
+    """Record, for every decoding step, each lane's (items, rows fed, attended width)."""
+    steps, step = [], isheep.decode_step
+    def spy(model, lanes, *a, **kw):
+        steps.append([(list(lane.items), lane.batch, lane.width) for lane in lanes])
+        return step(model, lanes, *a, **kw)
+    monkeypatch.setattr(isheep, "decode_step", spy)
+    return steps
+
+
+def greedy_alone(model, tok, p, max_new_tokens):
+    """HF generate on one prompt: its new tokens up to and including EOS."""
+    row = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    row = row[0, len(p):].tolist()
+    return row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+
+
+# The CPU's way (a lane per group of similar lengths, a step at a time) and the GPU's (one lane,
+# steps SYNC_EVERY at a time on a few row counts and widths), with every prompt in at once
+# (budget 4096) or a few at a time (160; 300 holds 3 rows of the one lane), on SDPA and on a
+# model loaded with eager attention.
+@pytest.mark.parametrize("one_lane, budget, attention", [(False, 4096, "sdpa"), (False, 160, "sdpa"), (False, 4096, "eager"),
+                                                         (True, 4096, "sdpa"), (True, 300, "eager")])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, one_lane, budget, attention, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation=attention).eval()
     prompts = poet_prompts(tok)
-    steps, joins = [], []   # (rows, lanes) of every decoding step; rows that joined a running batch
-    step, add = isheep.RunningBatch.step, isheep.RunningBatch.add
-
-    def spy_add(batch, lane):
-        if batch.lanes:
-            joins.append(len(lane.items))
-        add(batch, lane)
-    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: steps.append((b.items, len(b.lanes))) or step(b, m, t))
-    monkeypatch.setattr(isheep.RunningBatch, "add", spy_add)
-    args = SimpleNamespace(tp=False, gen_batch_tokens=budget, no_progress=True)
-    out = {}
-    for chunk in isheep.generate(model, tok, prompts, acc=Accelerator(cpu=True), args=args, max_new_tokens=16,
-                                 temperature=0, top_p=1.0):
-        out.update(chunk)
-    assert max(len(rows) for rows, _ in steps) > 1   # really batched
-    lanes = max(lanes for _, lanes in steps)
-    if attention == "eager":
-        assert lanes == 1   # one padded lane
-    elif budget == 4096:
-        assert lanes > 1   # prompts of different lengths, all in at once
+    steps = spy_steps(monkeypatch)
+    with torch.no_grad():
+        new, finished = isheep.decode(model, tok, prompts, [0] * len(prompts), budget=budget, max_new_tokens=16,
+                                      temperature=0, top_p=1.0, eos=[tok.eos_token_id], pad=tok.pad_token_id, one_lane=one_lane)
+    rows = [sum(len(items) for items, _, _ in step) for step in steps]
+    assert max(rows) > 1   # really batched
     assert model.config._attn_implementation == attention   # lent to decode, then given back
-    if budget == 160:
-        [unit] = isheep.generation_units(prompts, 16, budget)   # decode's rows index the unit
-        cost = lambda rows: (sum(len(prompts[unit[i]]) for i in rows) if attention == "sdpa"   # in lanes
-                             else len(rows) * max(len(prompts[unit[i]]) for i in rows)) + 16 * len(rows)
-        assert joins and all(cost(rows) <= budget for rows, _ in steps)
-    for i, p in enumerate(prompts):
-        alone = model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-        row = alone[0, len(p):].tolist()
-        end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
-        assert out[i]["text"] == tok.decode(row[:end], skip_special_tokens=True)
-        assert out[i]["finished"] == (end < len(row))
+    if one_lane:
+        assert all(len(step) == 1 for step in steps)
+        columns = max(map(len, prompts)) + 16 + isheep.SYNC_EVERY   # the lane's capacity
+        assert all(batch >= len(items) and (width % 256 == 0 or width == columns) for [(items, batch, width)] in steps)
+    elif budget == 4096:
+        assert max(map(len, steps)) > 1   # prompts of different lengths, all in at once, in lanes
+    if budget < 4096:   # rows joined as others left, and the budget always held
+        assert len({i for step in steps for items, _, _ in step for i in items}) == len(prompts) > max(rows)
+        assert all(sum(len(prompts[i]) + 16 for items, _, _ in step for i in items) <= budget for step in steps) or one_lane
+    for p, row, end in zip(prompts, new, finished):
+        alone = greedy_alone(model, tok, p, 16)
+        assert row == alone and end == (alone[-1] == tok.eos_token_id)
 
 
 def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny):
@@ -570,26 +576,54 @@ def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny
     with torch.no_grad():
         together, _ = isheep.decode(model, tok, prompts, seeds, budget=4096, **kw)
         joining, _ = isheep.decode(model, tok, prompts, seeds, budget=200, **kw)
+        one_lane, _ = isheep.decode(model, tok, prompts, seeds, budget=4096, one_lane=True, **kw)
         alone = [isheep.decode(model, tok, [p], [s], budget=4096, **kw)[0][0] for p, s in zip(prompts, seeds)]
         reseeded, _ = isheep.decode(model, tok, prompts, [s + 1 for s in seeds], budget=4096, **kw)
-    assert together == joining == alone
+    assert together == joining == one_lane == alone
     assert reseeded != together
+
+
+def test_stops_seen_a_window_late_cut_the_same_text(tiny):
+    """The GPU's way reads tokens SYNC_EVERY steps at a time, so a row may run past its stop string
+    for a few tokens: the text, cut at the stop, and whether it finished are the same."""
+    from types import SimpleNamespace
+    from accelerate import Accelerator
+    tok, model = tiny_model(tiny)
+    prompts = poet_prompts(tok)
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, stop_strings=["are"], seed=3, acc=Accelerator(cpu=True),
+              args=SimpleNamespace(tp=False, gen_batch_tokens=4096, no_progress=True))
+    cpu = {i: r for chunk in isheep.generate(model, tok, prompts, **kw) for i, r in chunk.items()}
+    decode = isheep.decode
+    try:   # generate() the GPU's way, on this CPU
+        isheep.decode = lambda *a, **k: decode(*a, **dict(k, one_lane=True))
+        gpu = {i: r for chunk in isheep.generate(model, tok, prompts, **kw) for i, r in chunk.items()}
+    finally:
+        isheep.decode = decode
+    assert any(r["finished"] for r in cpu.values()) and all(not r["text"].endswith("are") for r in cpu.values())
+    assert [(r["text"], r["finished"]) for r in cpu.values()] == [(r["text"], r["finished"]) for r in gpu.values()]
+
+
+def test_a_step_no_cuda_graph_can_hold_runs_eagerly(tiny, capsys):
+    """Here, with no GPU, every capture fails: one line says so and the text is still right."""
+    tok, model = tiny_model(tiny)
+    prompts = poet_prompts(tok)[:3]
+    with torch.no_grad():
+        new, _ = isheep.decode(model, tok, prompts, [0] * 3, budget=4096, max_new_tokens=16, temperature=0, top_p=1.0,
+                               eos=[tok.eos_token_id], pad=tok.pad_token_id, one_lane=True, graphs=True)
+    assert capsys.readouterr().out.count("note: decoding without CUDA graphs") == 1
+    assert new == [greedy_alone(model, tok, p, 16) for p in prompts]
 
 
 def test_a_prompt_far_longer_than_the_rest_decodes_in_a_lane_of_its_own(tiny, monkeypatch):
     tok, model = tiny_model(tiny)
     prompts = poet_prompts(tok)[:4] + [isheep.encode_prompt(tok, isheep.format_prompt(tok, "Write about seas. " * 40))]
-    widths = []   # per step: (rows, cache width) of each lane
-    step = isheep.RunningBatch.step
-    monkeypatch.setattr(isheep.RunningBatch, "step", lambda b, m, t: widths.append(
-        [(len(lane.items), lane.mask.shape[1]) for lane in b.lanes]) or step(b, m, t))
+    steps = spy_steps(monkeypatch)
     kw = dict(max_new_tokens=8, temperature=0, top_p=1.0, eos=[tok.eos_token_id], pad=tok.pad_token_id)
     with torch.no_grad():
         together, _ = isheep.decode(model, tok, prompts, [0] * 5, budget=4096, **kw)
-        alone = [isheep.decode(model, tok, [p], [0], budget=4096, **kw)[0][0] for p in prompts]
-    assert (1, len(prompts[-1])) in widths[0]   # the long one alone, in a lane as wide as itself
-    assert all(w < len(prompts[-1]) / 2 for rows, w in widths[0] if rows > 1)   # the others stay narrow
-    assert together == alone
+    assert ([4], 1, len(prompts[-1]) + 1) in steps[0]   # the long one alone, in a lane as wide as itself
+    assert all(width < len(prompts[-1]) / 2 for items, _, width in steps[0] if 4 not in items)   # the others stay narrow
+    assert together == [greedy_alone(model, tok, p, 8) for p in prompts]
 
 
 def test_generation_units_cover_every_prompt_longest_first_within_the_budget():

@@ -1,5 +1,5 @@
-"""What the three benchmarks share: the machine's matmul peak, a plain-text table, and the
-model to measure (the demo model, or a random Qwen2-0.5B shape for a GPU machine)."""
+"""What the three benchmarks share: the machine's matmul peak and copy bandwidth, a plain-text
+table, and the model to measure (the demo model, or random weights of a real Qwen2 shape)."""
 
 import os
 import sys
@@ -42,19 +42,20 @@ def prepare_machine(threads):
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
 
 
-# A Qwen2-0.5B-shaped model, for a machine that can download nothing (--random-model): the
-# shapes of Qwen/Qwen2-0.5B's config.json, weights drawn at random.
-QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+# For a machine that can download nothing (--shape): the shapes of Qwen/Qwen2-0.5B's and
+# Qwen/Qwen2-7B's config.json, weights drawn at random.
+QWEN2 = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+         "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_model_args(p):
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and compute")
-    p.add_argument("--random-model", action="store_true",
-                   help="a randomly initialised Qwen2-0.5B-shaped model instead of the demo model (nothing to download)")
+    p.add_argument("--shape", choices=list(QWEN2), help="random weights of a Qwen2 shape, built on --device, instead of "
+                                                         "the demo model (nothing to download)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the demo model's, read from its GGUF file)")
 
 
@@ -70,22 +71,38 @@ def prepare_model_machine(args):
 
 def load_bench_model(args, margs, training=False):
     """(tokenizer, model) as the bench's flags ask: the demo model through isheep.load_model, or a
-    randomly initialised Qwen2-0.5B shape on --device in --dtype. A random model's tokens beyond
+    randomly initialised Qwen2 shape on --device in --dtype. A random model's tokens beyond
     the tokenizer's vocabulary decode to nothing, and it rarely says EOS: every row runs to the cap."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
     margs.dtype = DTYPES[args.dtype]
     tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else \
         isheep.load_tokenizer(isheep.demo_model_ref(), margs)
-    if not args.random_model:
+    if not args.shape:
         from accelerate import Accelerator
         model = isheep.load_model(isheep.demo_model_ref(), margs, Accelerator(cpu=args.device == "cpu"), training=training)
         return tok, model.to(args.device)
     torch.manual_seed(0)
     dtype = torch.float32 if training and not margs.lora_rank else margs.dtype   # as isheep.load_model: fp32 master weights
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_0_5B), dtype=dtype, attn_implementation="sdpa")
+    config = Qwen2Config(**QWEN2[args.shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+    with torch.device(args.device):   # initialised where it runs: a 7B model in a few seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tok.eos_token_id
     model.config.use_cache = not training
-    return tok, model.to(args.device).train(training)
+    return tok, model.train(training)
+
+
+def copy_bandwidth(device, reps=5):
+    """Device memory bandwidth in GB/s: bytes read + written by the best of a few 1 GiB copies."""
+    a = torch.empty(2 ** 28, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best / 1e9
 
 
 def sync(device):

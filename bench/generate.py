@@ -17,11 +17,18 @@ greedy text equals HF generate on each prompt alone.
     python bench/generate.py                          # responses, 64 prompts x <=256 tokens (~5 min on 2 idle cores)
     python bench/generate.py --stage judge            # the judge workload (prefill-bound)
     python bench/generate.py --n 4 --seq-n 2 --max-new-tokens 8 --greedy --threads 1   # smoke test
-    python bench/generate.py --device cuda --dtype bf16 --random-model --tokenizer DIR   # a GPU machine
+    python bench/generate.py --device cuda --dtype bf16 --shape 7b --n 128 --tokenizer DIR --seq-n 0   # a GPU
+    python bench/generate.py ... --isheep OTHER/isheep.py   # another version of isheep on the same workload
+
+On a GPU it also times one decode step of isheep's engine at --step-rows rows (a CUDA graph
+replay) against its memory floor: the bytes of the weights and of the KV cache it attends, over
+the copy bandwidth measured in the same run. The last line is key=value, with ratio_vs_best_hf,
+step_ms, floor_ms and roofline_fraction.
 """
 
 import argparse
 import copy
+import importlib.util
 import math
 import random
 import sys
@@ -35,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import add_model_args, load_bench_model, prepare_machine, prepare_model_machine, print_table  # noqa: E402
+from common import (add_model_args, copy_bandwidth, load_bench_model, prepare_machine, prepare_model_machine,  # noqa: E402
+                    print_table, sync)
 
 
 
@@ -70,7 +78,30 @@ def run_hf_batches(model, prompts, config, batch_size, eos, pad):
     return time.perf_counter() - t0, tokens
 
 
-def run_hf_continuous(model, prompts, config, eos, max_batch_tokens):
+@torch.no_grad()
+def step_time(model, rows, width, reps=20):
+    """ms of one decode step of isheep's engine at `rows` rows whose positions reach `width`
+    columns, as decode runs it on this device (a CUDA graph replay on a GPU), and the step's
+    memory floor in bytes: the weights, and the KV cache of the real columns."""
+    lane = isheep.Lane(rows, width + reps + 1, model.device)
+    lane.add(model, [[0]] * rows, list(range(rows)), pad=0)   # makes the cache; its contents don't change the time
+    lane.pos[:], lane.lengths = width - 1, [width - 1] * rows
+    lane.batch, lane.width = isheep.graph_shape(lane, rows, width) if model.device.type == "cuda" else (rows, width)
+    with isheep.lane_attention(model):
+        step = lambda: isheep.decode_step(model, [lane], 1.0, 0.95, cascade=model.device.type != "cuda")
+        run = isheep.capture(step, [lane.pos, lane.token])[0].replay if model.device.type == "cuda" else step
+        run()
+        sync(model.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        sync(model.device)
+    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in lane.kv.values()) / lane.columns / rows
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (time.perf_counter() - t0) / reps * 1000, weights + rows * width * kv
+
+
+def run_hf_continuous(model, prompts, config, eos, max_batch_tokens, cuda_graph=None):
     """HF continuous batching (paged KV cache, requests join and leave the batch every step).
     Left alone on CPU it takes 60% of the machine's RAM for its cache; we give it exactly the
     blocks this workload needs (every request in flight at once). An untimed tiny call first pays
@@ -80,7 +111,8 @@ def run_hf_continuous(model, prompts, config, eos, max_batch_tokens):
 
     def cb_config(ps):
         per_request = math.ceil((max(map(len, ps)) + config.max_new_tokens) / 256)   # 256: the default page size
-        return ContinuousBatchingConfig(num_blocks=len(ps) * per_request, max_batch_tokens=max_batch_tokens)
+        return ContinuousBatchingConfig(num_blocks=len(ps) * per_request, max_batch_tokens=max_batch_tokens,
+                                        use_cuda_graph=cuda_graph)
     model.generate_batch(inputs=prompts[:2], generation_config=copy.deepcopy(config),
                          continuous_batching_config=cb_config(prompts[:2]), max_new_tokens=2)
     t0 = time.perf_counter()
@@ -123,9 +155,12 @@ def main():
     p.add_argument("--synth-max-new-tokens", type=int, help="task-list length cap, instructions stage (default: 2 x max-new-tokens, as isheep)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of responses and instructions (paper: 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
-    p.add_argument("--gen-batch-tokens", type=int, default=32768, help="isheep's token budget per batch (its CPU default)")
+    p.add_argument("--gen-batch-tokens", type=int, help="isheep's KV-cache token budget (default: isheep's own)")
     p.add_argument("--hf-batch-size", type=int, default=16, help="batch size of the sorted-batches HF baseline")
     p.add_argument("--no-continuous", action="store_true", help="skip HF continuous batching")
+    p.add_argument("--cb-cuda-graph", action="store_true", help="also run generate_batch with use_cuda_graph=True")
+    p.add_argument("--step-rows", type=int, default=128, help="rows of the timed decode step (GPU)")
+    p.add_argument("--isheep", help="measure this isheep.py instead of the repository's (e.g. an older commit's)")
     p.add_argument("--cb-batch-tokens", type=int, default=2048,
                    help="continuous batching's max tokens per forward (its dense attention mask grows with it)")
     p.add_argument("--greedy", action="store_true", help="also check isheep's greedy text equals HF generate on each prompt alone")
@@ -135,6 +170,11 @@ def main():
                                                "as oversubscribed threads make small ops 10x slower")
     add_model_args(p)
     args = p.parse_args()
+    if args.isheep:   # every isheep.* below is that file's
+        global isheep
+        spec = importlib.util.spec_from_file_location("isheep_measured", args.isheep)
+        isheep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(isheep)
     prepare_machine(args.threads)
     peak = prepare_model_machine(args)
 
@@ -152,7 +192,8 @@ def main():
 
     # The three workloads, built as isheep's stages build them.
     if args.stage == "responses":
-        prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, s["instruction"], s["input"])) for s in seeds[:args.n]]
+        seeds = [seeds[k % len(seeds)] for k in range(args.n)]   # more prompts than seeds: they repeat
+        prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, s["instruction"], s["input"])) for s in seeds]
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     elif args.stage == "instructions":
         prompts = [isheep.encode_prompt(tok, isheep.synthesis_prompt(
@@ -161,12 +202,14 @@ def main():
         kw = dict(max_new_tokens=args.synth_max_new_tokens or 2 * args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, stop_strings=[f"Task {isheep.STOP_AT_TASK}"])
     else:
-        prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, isheep.QUALITY_PROMPT.format(**s))) for s in seeds[:args.n]]
+        seeds = [seeds[k % len(seeds)] for k in range(args.n)]
+        prompts = [isheep.encode_prompt(tok, isheep.format_prompt(tok, isheep.QUALITY_PROMPT.format(**s))) for s in seeds]
         kw = dict(max_new_tokens=isheep.JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0, stop_strings=["||"])
     prompt_tokens = sum(map(len, prompts))
     print(f"stage {args.stage}: {len(prompts)} prompts, {prompt_tokens / len(prompts):.0f} prompt tokens on average, "
           f"max_new_tokens {kw['max_new_tokens']}, temperature {kw['temperature']}; "
-          f"{'random Qwen2-0.5B-shaped' if args.random_model else 'demo'} model, {n_params / 1e6:.1f}M params, {args.dtype}")
+          f"{f'random Qwen2-{args.shape}-shaped' if args.shape else 'demo'} model, {n_params / 1e6:.1f}M params, {args.dtype}"
+          + (f"; isheep from {args.isheep}" if args.isheep else ""))
     model.generate(input_ids=torch.tensor([prompts[0]], device=model.device), max_new_tokens=2, pad_token_id=pad)   # warm-up, untimed
 
     # Each row: (method, prompts, their prompt tokens, useful new tokens, seconds).
@@ -183,25 +226,37 @@ def main():
         seq = prompts[:args.seq_n]
         for name, batch, ps in [("HF generate, one prompt at a time", 1, seq),
                                 (f"HF generate, sorted batches of {args.hf_batch_size}", args.hf_batch_size, prompts)]:
+            if not batch or not ps:   # --seq-n 0, --hf-batch-size 0: skipped (slow on a 7B model)
+                continue
             seconds, tokens = run_hf_batches(model, ps, config, batch, eos, pad)
             rows.append((name, len(ps), sum(map(len, ps)), tokens, seconds))
             print(f"  {name}: {tokens} tokens in {seconds:.1f} s", flush=True)
         if args.greedy:   # before continuous batching, which swaps the model's attention for its own
             g = prompts[:args.greedy_n]
             greedy = f"{greedy_check(model, tok, g, margs, args.max_new_tokens, eos, pad)}/{len(g)}"
-        if not args.no_continuous:
+        for name, graph in [("HF continuous batching (generate_batch)", None),
+                            ("HF generate_batch, use_cuda_graph=True", True)][:1 + args.cb_cuda_graph] * (not args.no_continuous):
             try:
-                seconds, tokens = run_hf_continuous(model, prompts, config, eos, args.cb_batch_tokens)
-                rows.append(("HF continuous batching (generate_batch)", len(prompts), prompt_tokens, tokens, seconds))
-                print(f"  HF continuous batching: {tokens} tokens in {seconds:.1f} s", flush=True)
+                seconds, tokens = run_hf_continuous(model, prompts, config, eos, args.cb_batch_tokens, cuda_graph=graph)
+                rows.append((name, len(prompts), prompt_tokens, tokens, seconds))
+                print(f"  {name}: {tokens} tokens in {seconds:.1f} s", flush=True)
             except Exception as e:   # not every build runs it on CPU
-                notes.append(f"HF continuous batching skipped: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                notes.append(f"{name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     elif args.greedy:
         notes.append("--greedy runs with --stage responses only")
 
     print()
     rate = {r[0]: r[3] / r[4] for r in rows}
     seq_rate = rate.get("HF generate, one prompt at a time")
+    step = None
+    if args.device == "cuda" and args.stage == "responses" and hasattr(isheep, "Lane"):
+        width = round(prompt_tokens / len(prompts)) + args.max_new_tokens // 2   # the workload's mean row, half way
+        step_ms, floor_bytes = step_time(model, args.step_rows, width)
+        bandwidth = copy_bandwidth(args.device)
+        step = dict(step_ms=step_ms, floor_ms=floor_bytes / bandwidth / 1e6)
+        print(f"one decode step at {args.step_rows} rows, {width} columns: {step_ms:.2f} ms; memory floor "
+              f"{floor_bytes / 1e9:.2f} GB / {bandwidth:.0f} GB/s = {step['floor_ms']:.2f} ms "
+              f"({step['floor_ms'] / step_ms:.2f} of the floor's speed)")
     print_table(["method", "prompts", "new_tok", "time_s", "new_tok/s", "ratio_vs_seq", "peak_frac", "peak_frac_incl_prompt"],
                 [[m, n, tokens, f"{s:.1f}", f"{tokens / s:.1f}", f"{tokens / s / seq_rate:.2f}" if seq_rate else "-",
                   f"{2 * n_params * tokens / s / 1e9 / peak:.4f}", f"{2 * n_params * (tokens + pt) / s / 1e9 / peak:.4f}"]
@@ -219,13 +274,19 @@ def main():
                    peak_fraction_incl_prompt=f"{2 * n_params * (rows[0][2] + rows[0][3]) / rows[0][4] / 1e9 / peak:.4f}")
     if args.stage == "responses":
         hf = {m: r for m, r in rate.items() if m != "isheep.generate"}
-        best = max(hf, key=hf.get)
-        summary.update(ratio_vs_best_hf=f"{ours / hf[best]:.3f}", ratio_vs_sequential=f"{ours / seq_rate:.3f}",
-                       best_hf="continuous" if "continuous" in best else "batched" if "batches" in best else "sequential",
-                       hf_sequential_tok_s=f"{seq_rate:.2f}",
-                       hf_batched_tok_s=f"{rate[f'HF generate, sorted batches of {args.hf_batch_size}']:.2f}",
-                       hf_continuous_tok_s=f"{rate['HF continuous batching (generate_batch)']:.2f}"
-                       if "HF continuous batching (generate_batch)" in rate else "skipped")
+        best = max(hf, key=hf.get) if hf else None
+        summary.update(ratio_vs_best_hf=f"{ours / hf[best]:.3f}" if best else "-",
+                       ratio_vs_sequential=f"{ours / seq_rate:.3f}" if seq_rate else "-",
+                       best_hf="-" if not best else "cuda_graph" if "cuda_graph" in best else "continuous"
+                       if "continuous" in best else "batched" if "batches" in best else "sequential",
+                       **{f"hf_{key}_tok_s": f"{rate[m]:.2f}" for key, m in [
+                           ("sequential", "HF generate, one prompt at a time"),
+                           ("batched", f"HF generate, sorted batches of {args.hf_batch_size}"),
+                           ("continuous", "HF continuous batching (generate_batch)"),
+                           ("cuda_graph", "HF generate_batch, use_cuda_graph=True")] if m in rate})
+        if step:
+            summary.update(step_ms=f"{step['step_ms']:.3f}", floor_ms=f"{step['floor_ms']:.3f}",
+                           roofline_fraction=f"{step['floor_ms'] / step['step_ms']:.3f}")
         if greedy is not None:
             summary["greedy_match"] = greedy
     summary["peak_gflops"] = f"{peak:.1f}"

@@ -13,7 +13,7 @@ tokens / time, the usual estimate; LoRA: 4 x params, frozen weights get no weigh
 
     python bench/sft.py             # SmolLM2-135M, full fine-tuning, fp32, 4 timed steps (~5-8 min on 2 idle cores)
     python bench/sft.py --n 24 --batch-size 2 --micro 1 --steps 1 --max-len 64 --threads 1   # smoke test
-    python bench/sft.py --device cuda --dtype bf16 --random-model --tokenizer DIR   # a GPU machine (bf16 autocast)
+    python bench/sft.py --device cuda --dtype bf16 --shape 0.5b --tokenizer DIR   # a GPU machine (bf16 autocast)
 """
 
 import argparse
