@@ -703,7 +703,7 @@ def test_tensor_parallel_generation_equals_one_process(tiny, tmp_path):
 def test_one_round_on_the_real_demo_model(tmp_path):
     out = tmp_path / "demo"
     r = run_cli(out, "--iters", "1", "--num-instructions", "4", "--max-attempts", "12", "--max-new-tokens", "192",
-                "--synth-max-new-tokens", "160", "--threshold", "0", "--epochs", "1", timeout=900)
+                "--synth-max-new-tokens", "160", "--threshold", "0", "--epochs", "1", "--eval-size", "0", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CPU demo" in r.stdout
     rd = out / "round_1"

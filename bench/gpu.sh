@@ -20,7 +20,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf .whl .gpu && mkdir -p .whl .gpu
   version=$(python -c "import transformers; print(transformers.__version__)")   # the version requirements.txt pins
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "transformers==$version"
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "transformers==$version" "regex>=2025.10.22"
   git show "$BASELINE:isheep.py" > .gpu/isheep_baseline.py
   PYTHONPATH=. python - <<'PY'
 import torch, isheep, test_isheep as T
