@@ -330,14 +330,15 @@ def rouge_dedup(candidates, references, threshold=0.7):
 
 
 # -----------------------------------------------------------------------------
-# Generation: continuous batching on the model's KV cache. Prompts are prefilled in groups of
-# similar length and join one running batch while a token budget allows; a row that ends
-# leaves the batch and the cache at once and the next prompts take its place, so the batch
-# stays full until the work runs out. Rows of very different lengths run in lanes, each with
-# its own cache, so one long prompt does not widen every row. Each item samples from its own
-# random stream, so its text depends on (seed, item) alone, not on the rows beside it or the
-# number of processes (up to floating-point rounding, which the shape of a batch can change).
-# With N processes, fixed units of prompts are dealt to ranks and the results gathered by index.
+# Generation: continuous batching on static KV caches. Prompts are prefilled in groups of
+# similar length and join the running rows while a token budget allows; a row that ends leaves
+# at once and the next prompts take its place, so the batch stays full until the work runs out.
+# A lane holds its rows' keys and values in tensors made once, each row at its own position; a
+# GPU runs one lane in CUDA graphs, a CPU a lane per group, so a long prompt widens only its own.
+# Each item samples from its own random stream, so its text depends on (seed, item) alone, not
+# on the rows beside it or the number of processes (up to floating-point rounding, which the
+# shape of a batch can change). With N processes, fixed units of prompts are dealt to ranks and
+# the results gathered by index.
 
 def user_turn(instruction, input=""):
     return f"{instruction}\n\n{input}" if input else instruction
