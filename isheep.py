@@ -651,11 +651,18 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     step captured once as a CUDA graph if `graphs`. Else (a CPU's way) each group of similar
     lengths (lane_groups) gets a lane of its own, so a long prompt widens only its own lane, and
     steps run one at a time. Returns (new tokens, finished) per prompt."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
     device, k = model.device, SYNC_EVERY if one_lane else 1
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
     new, finished, done, captured = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts), {}
     columns = max(map(len, prompts)) + max_new_tokens + k
+    for layer in DynamicCache(config=model.config).layers:   # a lane keeps every column of every layer
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(layer, "sliding_window", columns) < columns:
+            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
+                f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends to "
+                f"all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or shorter rows")
     lanes = [Lane(min(len(prompts), max(1, budget // columns)), columns, device)] if one_lane else []
 
     def advance(i, tokens):   # item i made these tokens: keep them up to its end, and say if it ended

@@ -626,6 +626,21 @@ def test_a_prompt_far_longer_than_the_rest_decodes_in_a_lane_of_its_own(tiny, mo
     assert together == [greedy_alone(model, tok, p, 8) for p in prompts]
 
 
+def test_a_sliding_window_shorter_than_a_row_is_refused_not_ignored():
+    """A lane attends every column of a row: a model whose window is shorter would get wrong text."""
+    from transformers import MistralConfig, MistralForCausalLM
+    tok = make_tokenizer()
+    config = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    kw = dict(budget=4096, max_new_tokens=20, temperature=0, top_p=1.0, eos=[tok.eos_token_id], pad=tok.pad_token_id)
+    prompt = isheep.encode_prompt(tok, isheep.format_prompt(tok, "List three colors."))
+    with torch.no_grad():
+        wide = MistralForCausalLM(MistralConfig(sliding_window=4096, **config)).eval()   # window >= every row: full attention
+        assert isheep.decode(wide, tok, [prompt], [0], **kw)[0][0] == greedy_alone(wide, tok, prompt, 20)
+        with pytest.raises(SystemExit, match="DynamicSlidingWindowLayer layers \\(sliding window 16\\)"):
+            isheep.decode(MistralForCausalLM(MistralConfig(sliding_window=16, **config)).eval(), tok, [prompt], [0], **kw)
+
+
 def test_generation_units_cover_every_prompt_longest_first_within_the_budget():
     prompts = [[0] * n for n in [5, 300, 20, 20, 6000, 40, 7, 7, 7]]
     units = isheep.generation_units(prompts, 100, 250)
@@ -1079,3 +1094,4 @@ def test_train_jsonl_loads_unchanged_in_datasets_and_trl(tiny, tracked, tmp_path
     ids, labels = isheep.tokenize_pair(tok, ds[0], 4096)
     assert first["input_ids"][:len(ids)] == ids and first["labels"][:len(labels)] == labels
     assert trainer.train().global_step == 1
+
