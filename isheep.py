@@ -31,6 +31,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -656,7 +657,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     device, k = model.device, SYNC_EVERY if one_lane else 1
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
-    new, finished, done, captured = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts), {}
+    new, finished, captured = [[] for _ in prompts], [False] * len(prompts), {}
     columns = max(map(len, prompts)) + max_new_tokens + k
     for layer in DynamicCache(config=model.config).layers:   # a lane keeps every column of every layer
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(layer, "sliding_window", columns) < columns:
@@ -665,22 +666,28 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                 f"all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or shorter rows")
     lanes = [Lane(min(len(prompts), max(1, budget // columns)), columns, device)] if one_lane else []
 
-    def advance(i, tokens):   # item i made these tokens: keep them up to its end, and say if it ended
+    def ended(i):
+        return finished[i] or len(new[i]) == max_new_tokens
+
+    def advance(i, tokens):   # item i made these tokens: keep those up to its end
         for t in tokens:
             new[i].append(t)
             finished[i] = t in eos
-            if finished[i] or len(new[i]) == max_new_tokens:
+            if ended(i):
                 break
         finished[i] = finished[i] or any(s in tok.decode(new[i][-8 - len(tokens):]) for s in stop_strings)
-        done[i] = finished[i] or len(new[i]) == max_new_tokens
-        if done[i]:
+        if ended(i):
             on_finish()
 
     with lane_attention(model):
         while queue or any(lane.items for lane in lanes):
             running = [i for lane in lanes for i in lane.items]
-            fit = min(len(queue), lanes[0].slots - len(running)) if one_lane else \
-                how_many_fit(prompts, queue, running, budget, max_new_tokens)
+            if one_lane:
+                fit = min(len(queue), lanes[0].slots - len(running))
+            else:   # a row costs its prompt + max_new_tokens of the budget; one joins at least when none runs
+                room = budget - sum(len(prompts[i]) + max_new_tokens for i in running)
+                fit = sum(c <= room for c in itertools.accumulate(len(prompts[i]) + max_new_tokens for i in queue))
+                fit = fit or int(not running)
             if fit and (fit == len(queue) or fit >= len(running) // 4):
                 joining, queue = queue[:fit], queue[fit:]
                 for group in lane_groups(joining, prompts, PREFILL_TOKENS):
@@ -693,7 +700,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                     for i, t in zip(group, lane.token[a:a + len(group)].tolist()):   # a row can end on its first token
                         advance(i, [t])
             for lane in lanes:   # rows that ended leave; the last rows take their slots
-                lane.keep([r for r, i in enumerate(lane.items) if not done[i]])
+                lane.keep([r for r, i in enumerate(lane.items) if not ended(i)])
             lanes = [lane for lane in lanes if lane.items or one_lane]
             if not any(lane.items for lane in lanes):
                 continue
@@ -734,18 +741,6 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
 
 
 PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
-
-
-def how_many_fit(prompts, queue, running, budget, max_new_tokens):
-    """How many of the (non-empty) queue's prompts fit beside the running rows in a budget of
-    cached tokens, a row costing its prompt + max_new_tokens. One at least, when nothing runs."""
-    total, fit = sum(len(prompts[i]) + max_new_tokens for i in running), 0
-    for i in queue:
-        total += len(prompts[i]) + max_new_tokens
-        if total > budget:
-            break
-        fit += 1
-    return fit or int(not running)
 
 
 @torch.no_grad()
@@ -1533,24 +1528,22 @@ def claim_out(args, acc):
     if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not saved_path.exists():
         die(f"--out {out} is not empty and holds no isheep run (no run.json); choose a new --out")
 
-    def lock():
+    held = busy = None
+    if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
+        held = open(out / ".lock", "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            return None, (f"--out {out} is in use by another isheep run ({f.read().strip() or 'pid unknown'}): "
-                          f"wait for it, or choose another --out")
+            held.seek(0)
+            busy = (f"--out {out} is in use by another isheep run ({held.read().strip() or 'pid unknown'}): "
+                    f"wait for it, or choose another --out")
         except OSError as e:   # a filesystem without locks (README, "Resuming"): run unguarded, and say so
             print0(f"warning: cannot lock --out {out} ({e.strerror}); make sure no other run uses it")
-            return f, None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-        f.flush()
-        return f, None
-
-    held, busy = lock() if acc.is_main_process else (None, None)
+        else:
+            held.truncate(0)
+            held.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+            held.flush()
     busy = broadcast_from_main(acc, lambda: busy)
     if busy:
         die(busy)
@@ -1620,7 +1613,7 @@ def run(args):
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
     check_model(base_ref, args)
-    first_start = not (Path(args.out) / "run.json").exists()
+    first_start = args.overwrite or not (Path(args.out) / "run.json").exists()   # the trackers get the config once
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
     if args.report_to:   # TensorBoard: out/tracking/isheep; wandb: project "isheep", resumed by the id in run.json
         LOGGED.update(path=Path(args.out) / "tracking" / "logged.json")
