@@ -440,9 +440,10 @@ def sample(logits, temperature, top_p, uniforms, cascade=True):
     CUDA graph needs."""
     if temperature == 0:
         return logits.argmax(-1)
+    if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
+        logits, order = logits.sort(-1, descending=True)
+        return nucleus_draw(torch.softmax(logits.float() / temperature, -1), order, uniforms, top_p)
     probs = torch.softmax(logits.float() / temperature, -1)
-    if not cascade:
-        return nucleus_draw(*probs.sort(-1, descending=True), uniforms, top_p)
     token, rows = torch.empty_like(uniforms, dtype=torch.long), torch.arange(len(probs), device=probs.device)
     # A CPU sorts a 49k vocabulary in 1.5 ms a row; most rows' nucleus is within their top 64 or 1024.
     for k in [64, 1024, 8192, probs.shape[-1]]:
@@ -599,10 +600,11 @@ def decode_step(model, lanes, temperature, top_p, cascade=True):
     return token
 
 
-def capture(fn, state):
+def capture(fn, state, pool=None):
     """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in
     between. The warm-up run first (lazy initialisations can't happen during a capture) changes
-    the tensors in `state`, which are put back."""
+    the tensors in `state`, which are put back. Graphs that never run at once can share a memory
+    pool: pass an earlier graph's pool()."""
     saved = [t.clone() for t in state]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -612,20 +614,21 @@ def capture(fn, state):
     for t, s in zip(state, saved):
         t.copy_(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=GRAPH_POOL.setdefault("pool", torch.cuda.graph_pool_handle())):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 
 
 def graph_shape(lane, rows, width):
-    """The rows and columns a GPU step runs on: rows rounded up to a power of 2 (to 16) or a
-    multiple of 16, columns to a multiple of 256, so that few shapes, each captured once, serve a
-    whole decode. The spare rows read and write only free slots."""
-    rows = 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // 16) * 16
+    """The rows and columns a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a
+    multiple of 16 (to 255), then of an eighth of the power of 2 below them (at most 1/8 spare);
+    columns to a multiple of 256. So few shapes, each captured once, serve a whole decode. The
+    spare rows read and write only free slots."""
+    step = 1 << max(4, rows.bit_length() - 4)
+    rows = 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step
     return min(lane.slots, rows), min(lane.columns, -(-width // 256) * 256)
 
 
-GRAPH_POOL = {}   # one memory pool for every captured step: they never run at once
 SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
 
 
@@ -657,7 +660,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     device, k = model.device, SYNC_EVERY if one_lane else 1
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
-    new, finished, captured = [[] for _ in prompts], [False] * len(prompts), {}
+    new, finished, captured, pool = [[] for _ in prompts], [False] * len(prompts), {}, None
     columns = max(map(len, prompts)) + max_new_tokens + k
     for layer in DynamicCache(config=model.config).layers:   # a lane keeps every column of every layer
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(layer, "sliding_window", columns) < columns:
@@ -722,7 +725,8 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                 if graphs and key not in captured:
                     try:
                         captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade=False),
-                                                state=[lanes[0].pos, lanes[0].token])
+                                                [lanes[0].pos, lanes[0].token], pool)
+                        pool = captured[key][0].pool()   # this decode's graphs share it: they never run at once
                     except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
                         print0(f"note: decoding without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                         graphs = False
@@ -1470,7 +1474,7 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
     g.add_argument("--gen-batch-tokens", type=int, help="KV-cache token budget of a generation batch: each row's prompt + new tokens "
-                                                        "(default: 32768 on CPU; on GPU, what half the memory beside the weights holds as KV cache)")
+                                                        "(default: 32768 on CPU; on a GPU, what 70%% of the memory beside the weights holds as KV cache)")
     g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
     g = p.add_argument_group("SFT")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after training; 0 = full fine-tuning (paper: LoRA)")

@@ -96,9 +96,34 @@ def step_time(model, rows, width, reps=20):
         for _ in range(reps):
             run()
         sync(model.device)
+        ms = (time.perf_counter() - t0) / reps * 1000
+        kernels = step_kernels(step) if model.device.type == "cuda" else []
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in lane.kv.values()) / lane.columns / rows
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (time.perf_counter() - t0) / reps * 1000, weights + rows * width * kv
+    return ms, weights + rows * width * kv, kernels
+
+
+# What a decode step's GPU time goes to, by kernel name (cuBLAS/CUTLASS names, SDPA's, cub's sorts).
+KERNEL_KINDS = [("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|splitk"), ("attention", r"fmha|attention|flash|efficient"),
+                ("sort (top-p)", r"sort|radix|onesweep"), ("softmax, cumsum, search", r"softmax|scan|cumsum|searchsorted"),
+                ("indexing, copies", r"index|copy|memcpy|memset|cat|gather|scatter|fill")]
+
+
+def step_kernels(step):
+    """[(kind, kernels, ms)] of one eager run of step, from the profiler's CUDA kernels: their sum
+    against the replay's time is what launches and gaps cost."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync("cuda")
+    total = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total:
+            kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.name, re.I)), "other (norms, rotary, activations)")
+            n, ms = total.get(kind, (0, 0.0))
+            total[kind] = n + 1, ms + event.device_time_total / 1000
+    return sorted(((kind, n, ms) for kind, (n, ms) in total.items()), key=lambda r: -r[2])
 
 
 def run_hf_continuous(model, prompts, config, eos, max_batch_tokens, cuda_graph=None):
@@ -251,12 +276,18 @@ def main():
     step = None
     if args.device == "cuda" and args.stage == "responses" and hasattr(isheep, "Lane"):
         width = round(prompt_tokens / len(prompts)) + args.max_new_tokens // 2   # the workload's mean row, half way
-        step_ms, floor_bytes = step_time(model, args.step_rows, width)
+        step_ms, floor_bytes, kernels = step_time(model, args.step_rows, width)
         bandwidth = copy_bandwidth(args.device)
         step = dict(step_ms=step_ms, floor_ms=floor_bytes / bandwidth / 1e6)
         print(f"one decode step at {args.step_rows} rows, {width} columns: {step_ms:.2f} ms; memory floor "
               f"{floor_bytes / 1e9:.2f} GB / {bandwidth:.0f} GB/s = {step['floor_ms']:.2f} ms "
               f"({step['floor_ms'] / step_ms:.2f} of the floor's speed)")
+        if kernels:
+            busy = sum(ms for _, _, ms in kernels)
+            print(f"its kernels, run eagerly once under the profiler: {busy:.2f} ms of GPU time "
+                  f"({step_ms - busy:+.2f} ms for launches and gaps in the replay)")
+            print_table(["kind", "kernels", "ms", "share"], [[k, n, f"{ms:.3f}", f"{ms / busy:.2f}"] for k, n, ms in kernels])
+            step["kernels_ms"] = busy
     print_table(["method", "prompts", "new_tok", "time_s", "new_tok/s", "ratio_vs_seq", "peak_frac", "peak_frac_incl_prompt"],
                 [[m, n, tokens, f"{s:.1f}", f"{tokens / s:.1f}", f"{tokens / s / seq_rate:.2f}" if seq_rate else "-",
                   f"{2 * n_params * tokens / s / 1e9 / peak:.4f}", f"{2 * n_params * (tokens + pt) / s / 1e9 / peak:.4f}"]
@@ -271,7 +302,8 @@ def main():
     ours = rate["isheep.generate"]
     summary = dict(stage=args.stage, n=len(prompts), isheep_tok_s=f"{ours:.2f}",
                    peak_fraction=f"{2 * n_params * ours / 1e9 / peak:.4f}",
-                   peak_fraction_incl_prompt=f"{2 * n_params * (rows[0][2] + rows[0][3]) / rows[0][4] / 1e9 / peak:.4f}")
+                   peak_fraction_incl_prompt=f"{2 * n_params * (rows[0][2] + rows[0][3]) / rows[0][4] / 1e9 / peak:.4f}",
+                   prompt_peak_fraction=f"{2 * n_params * rows[0][2] / rows[0][4] / 1e9 / peak:.4f}")   # prefill's share, over the whole time
     if args.stage == "responses":
         hf = {m: r for m, r in rate.items() if m != "isheep.generate"}
         best = max(hf, key=hf.get) if hf else None
@@ -286,6 +318,7 @@ def main():
                            ("cuda_graph", "HF generate_batch, use_cuda_graph=True")] if m in rate})
         if step:
             summary.update(step_ms=f"{step['step_ms']:.3f}", floor_ms=f"{step['floor_ms']:.3f}",
+                           **({"kernels_ms": f"{step['kernels_ms']:.3f}"} if "kernels_ms" in step else {}),
                            roofline_fraction=f"{step['floor_ms'] / step['step_ms']:.3f}")
         if greedy is not None:
             summary["greedy_match"] = greedy

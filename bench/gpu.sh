@@ -49,8 +49,9 @@ run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value 
   local name=$1 limit=$2; shift 2
   echo; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "/tmp/$name.txt" | grep -v "it/s]"
-  echo "=== $name: rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s"
-  echo "$name $(grep -E '^[a-z_]+=' "/tmp/$name.txt" | tail -1)" >> "$OUT/summary.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  echo "$name rc=$rc seconds=$((SECONDS - t0)) $(grep -E '^[a-z_]+=' "/tmp/$name.txt" | tail -1)" >> "$OUT/summary.txt"
 }
 B=(python3 bench/generate.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --seq-n 0 --hf-batch-size 0)
 
@@ -60,10 +61,10 @@ run responses_7b_256 75 "${B[@]}" --shape 7b --n 256
 # 2. The other two stages, 7B shape: this isheep, then the baseline's on the same workload
 run instructions_7b 40 "${B[@]}" --shape 7b --stage instructions --n 16
 run instructions_7b_baseline 50 "${B[@]}" --shape 7b --stage instructions --n 16 --isheep .gpu/isheep_baseline.py
-run judge_7b 35 "${B[@]}" --shape 7b --stage judge --n 128
-run judge_7b_baseline 35 "${B[@]}" --shape 7b --stage judge --n 128 --isheep .gpu/isheep_baseline.py
+run judge_7b 30 "${B[@]}" --shape 7b --stage judge --n 128
+run judge_7b_baseline 30 "${B[@]}" --shape 7b --stage judge --n 128 --isheep .gpu/isheep_baseline.py
 # 3. 0.5B shape; then greedy text in fp32 against HF generate alone
-run responses_05b 50 "${B[@]}" --shape 0.5b --n 64 --cb-cuda-graph
+run responses_05b 70 "${B[@]}" --shape 0.5b --n 64 --cb-cuda-graph
 run greedy_05b_fp32 30 "${B[@]}" --shape 0.5b --dtype fp32 --n 8 --max-new-tokens 64 --greedy --greedy-n 8 --no-continuous
 # 4. One round of isheep.py on the tiny model: plain, then under accelerate launch with FSDP2 (1 process)
 ROUND=(--model .gpu/tiny --seeds seeds.jsonl --iters 1 --num-instructions 6 --max-attempts 6 --max-new-tokens 24
@@ -85,3 +86,26 @@ fsdp_config:
 YAML
 run round_fsdp2 60 accelerate launch --config_file /tmp/fsdp2.yaml isheep.py --out /tmp/round_fsdp2 "${ROUND[@]}"
 echo; echo "=== summary"; cat "$OUT/summary.txt"
+echo; echo "=== issue 11's targets"
+python3 - "$OUT/summary.txt" <<'PY' | tee "$OUT/targets.txt"
+import sys
+runs = {line.split()[0]: dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv) for line in open(sys.argv[1])}
+def get(name, key):
+    return float(runs.get(name, {}).get(key, "nan").split("/")[0])
+def ratio(a, b):
+    return get(a, "isheep_tok_s") / get(b, "isheep_tok_s")
+checks = [("7B, 128 prompts: >= 3x the best generate_batch", get("responses_7b_128", "ratio_vs_best_hf"), 3),
+          ("7B, 256 prompts: >= 3x the best generate_batch", get("responses_7b_256", "ratio_vs_best_hf"), 3),
+          ("7B step at 128 rows: floor / step >= 1/3", get("responses_7b_128", "roofline_fraction"), 1 / 3),
+          ("0.5B, 64 prompts: >= 3x the best generate_batch", get("responses_05b", "ratio_vs_best_hf"), 3),
+          ("instructions, 7B: >= 2x the baseline", ratio("instructions_7b", "instructions_7b_baseline"), 2),
+          ("judge, 7B: no slower than the baseline", ratio("judge_7b", "judge_7b_baseline"), 1),
+          ("judge, 7B: prompt tokens at >= 40% of the bf16 peak", get("judge_7b", "prompt_peak_fraction"), 0.4),
+          ("greedy fp32, 0.5B: every text equal to HF alone",
+           get("greedy_05b_fp32", "greedy_match") / float(runs.get("greedy_05b_fp32", {}).get("greedy_match", "0/1").split("/")[1]), 1),
+          ("a round, plain: exit 0", float(get("round_plain", "rc") == 0), 1),
+          ("a round, FSDP2: exit 0", float(get("round_fsdp2", "rc") == 0), 1)]
+for what, value, target in checks:
+    print(f"{'PASS' if value >= target else 'FAIL'}  {what}: {value:.3f} (target {target:.3f})")
+PY
+grep -h "note: decoding without CUDA graphs" /tmp/*.txt | sort | uniq -c || true
