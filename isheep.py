@@ -600,22 +600,44 @@ def decode_step(model, lanes, temperature, top_p, cascade=True):
     return token
 
 
-def capture(fn, state, pool=None):
+@functools.cache
+def side_stream(device):
+    """The stream every capture warms up and records on, so its lazy state (cuBLAS's workspace)
+    is made once, outside any graph's memory."""
+    return torch.cuda.Stream(device)
+
+
+def capture(fn, state, pool):
     """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in
-    between. The warm-up run first (lazy initialisations can't happen during a capture) changes
-    the tensors in `state`, which are put back. Graphs that never run at once can share a memory
-    pool: pass an earlier graph's pool()."""
-    saved = [t.clone() for t in state]
-    stream = torch.cuda.Stream()
+    between; graphs that never run at once share the memory `pool`. A warm-up run first, eager,
+    makes what is made lazily (a capture can't) and refuses host syncs (a capture can't hold
+    them); it changes the tensors in `state`, which are put back. A capture that fails anyway is
+    undone before its error is raised, so the caller can go on eagerly."""
+    saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
     torch.cuda.current_stream().wait_stream(stream)
     for t, s in zip(state, saved):
         t.copy_(s)
+    torch.cuda.empty_cache()   # what the warm-up cached is kept for its stream alone: give it back
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    with torch.cuda.stream(stream):   # current again however the capture ends
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            try:
+                graph.capture_end()
+            except Exception:   # a broken capture leaves its pool open, and the next empty_cache() would assert
+                for undo in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+                    with contextlib.suppress(Exception):
+                        undo(stream.device_index, pool)
+                raise
     return graph, out
 
 
@@ -630,6 +652,8 @@ def graph_shape(lane, rows, width):
 
 
 SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
+MAX_ROWS = 1024   # rows of a GPU lane at most: past ~512 a 7B step is bound by its matmuls, and each row's sampling
+                  # takes ~40 bytes a vocabulary entry (6 GB at 1,024 rows of Qwen's 152k)
 
 
 def lane_groups(queue, prompts, max_tokens):
@@ -667,7 +691,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
                 f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends to "
                 f"all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or shorter rows")
-    lanes = [Lane(min(len(prompts), max(1, budget // columns)), columns, device)] if one_lane else []
+    lanes = [Lane(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)] if one_lane else []
 
     def ended(i):
         return finished[i] or len(new[i]) == max_new_tokens
@@ -698,8 +722,8 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                         lanes.append(Lane(len(group), max(len(prompts[i]) for i in group) + max_new_tokens + 1, device))
                     lane, a = lanes[-1], len(lanes[-1].items)
                     logits = lane.add(model, [prompts[i] for i in group], group, pad)
-                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p,
-                                                          torch.tensor([draws[i].random() for i in group], device=device))
+                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p, cascade=not one_lane,
+                                                          uniforms=torch.tensor([draws[i].random() for i in group], device=device))
                     for i, t in zip(group, lane.token[a:a + len(group)].tolist()):   # a row can end on its first token
                         advance(i, [t])
             for lane in lanes:   # rows that ended leave; the last rows take their slots
@@ -707,16 +731,17 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             lanes = [lane for lane in lanes if lane.items or one_lane]
             if not any(lane.items for lane in lanes):
                 continue
+            steps = min(k, max(max_new_tokens - len(new[i]) for lane in lanes for i in lane.items))   # the judge's 10 tokens: 9, then 1
             for lane in lanes:   # this window's rows and columns: exact on a CPU, a few sizes to capture on a GPU
-                n, need = len(lane.items), max(lane.lengths) + k
+                n, need = len(lane.items), max(lane.lengths) + steps
                 lane.batch, lane.width = graph_shape(lane, n, need) if one_lane else (n, need)
                 lane.column = None if one_lane else lane.lengths[0]   # a CPU lane's rows all joined together
                 lane.pos[n:lane.batch], lane.start[n:lane.batch] = 0, 0   # a graph's spare rows: harmless
             items = [i for lane in lanes for i in lane.items + [None] * (lane.batch - len(lane.items))]
-            uniforms = torch.tensor([[draws[i].random() if i is not None else 0.5 for i in items] for _ in range(k)],
+            uniforms = torch.tensor([[draws[i].random() if i is not None else 0.5 for i in items] for _ in range(steps)],
                                     device=device)
             tokens = []
-            for j in range(k):
+            for j in range(steps):
                 a = 0
                 for lane in lanes:
                     lane.uniform[:lane.batch] = uniforms[j, a:a + lane.batch]
@@ -724,9 +749,9 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                 key = (lanes[0].batch, lanes[0].width)
                 if graphs and key not in captured:
                     try:
+                        pool = pool or torch.cuda.graph_pool_handle()   # this decode's graphs share it: they never run at once
                         captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade=False),
                                                 [lanes[0].pos, lanes[0].token], pool)
-                        pool = captured[key][0].pool()   # this decode's graphs share it: they never run at once
                     except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
                         print0(f"note: decoding without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                         graphs = False
@@ -735,12 +760,12 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                     tokens.append(captured[key][1].clone())
                 else:
                     tokens.append(decode_step(model, lanes, temperature, top_p, cascade=not one_lane))
-            made = torch.stack(tokens).T.tolist()   # a CPU-GPU sync point, once every k steps
+            made = torch.stack(tokens).T.tolist()   # a CPU-GPU sync point, once a window
             for i, row in zip(items, made):
                 if i is not None:
                     advance(i, row)
             for lane in lanes:
-                lane.lengths = [n + k for n in lane.lengths]
+                lane.lengths = [n + steps for n in lane.lengths]
     return new, finished
 
 

@@ -614,7 +614,29 @@ def test_a_step_no_cuda_graph_can_hold_runs_eagerly(tiny, capsys):
     assert new == [greedy_alone(model, tok, p, 16) for p in prompts]
 
 
-def replayed(fn, state, pool=None, graphs=[]):
+def test_a_gpu_window_runs_only_the_steps_its_rows_still_need(tiny, monkeypatch):
+    """The judge's 10 tokens: one from the prefill, then windows of 8 steps and of 1, not 2 x 8."""
+    tok, model = tiny_model(tiny)
+    steps = spy_steps(monkeypatch)
+    with torch.no_grad():
+        new, _ = isheep.decode(model, tok, poet_prompts(tok)[:2], [0, 1], budget=4096, max_new_tokens=10, temperature=1.0,
+                               top_p=1.0, eos=[-1], pad=tok.pad_token_id, one_lane=True)   # eos -1: no row ends early
+    assert [len(row) for row in new] == [10, 10] and len(steps) == 9
+
+
+def test_a_gpu_lane_holds_at_most_max_rows(tiny, monkeypatch):
+    tok, model = tiny_model(tiny)
+    prompts = poet_prompts(tok)
+    monkeypatch.setattr(isheep, "MAX_ROWS", 3)
+    steps = spy_steps(monkeypatch)
+    with torch.no_grad():
+        new, _ = isheep.decode(model, tok, prompts, [0] * len(prompts), budget=4096, max_new_tokens=8, temperature=0,
+                               top_p=1.0, eos=[tok.eos_token_id], pad=tok.pad_token_id, one_lane=True)
+    assert max(len(items) for [(items, _, _)] in steps) == 3
+    assert new == [greedy_alone(model, tok, p, 8) for p in prompts]   # the rest joined as rows left
+
+
+def replayed(fn, state, pool, graphs):
     """isheep.capture as a CPU can play it: make_fx records fn's tensor operations once, with every
     Python decision and shape frozen, on the very tensors fn reads and writes, as a CUDA graph
     does; each replay reruns them. Records each traced graph in `graphs`."""
@@ -626,7 +648,7 @@ def replayed(fn, state, pool=None, graphs=[]):
     for t, s in zip(state, saved):   # tracing and the run above stepped once: put back, as capture() does
         t.copy_(s)
     graphs.append(graph)
-    return SimpleNamespace(replay=lambda: out.copy_(graph()), pool=lambda: None), out
+    return SimpleNamespace(replay=lambda: out.copy_(graph())), out
 
 
 # Replays of a recorded step (a CUDA graph's way) give the eager step's text: nothing the step
@@ -643,7 +665,8 @@ def test_decoding_with_replayed_steps_gives_the_eager_text(tiny, family, monkeyp
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, eos_token_id=tok.eos_token_id)).eval()
     prompts, graphs = poet_prompts(tok), []
-    monkeypatch.setattr(isheep, "capture", lambda fn, state, pool=None: replayed(fn, state, pool, graphs))
+    monkeypatch.setattr(isheep, "capture", lambda fn, state, pool: replayed(fn, state, pool, graphs))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))   # a CPU build has no pools
     kw = dict(max_new_tokens=24, eos=[tok.eos_token_id], pad=tok.pad_token_id, one_lane=True, budget=300)
     seeds = list(range(7, 7 + len(prompts)))
     with torch.no_grad():

@@ -83,13 +83,18 @@ def step_time(model, rows, width, reps=20):
     """ms of one decode step of isheep's engine at `rows` rows whose positions reach `width`
     columns, as decode runs it on this device (a CUDA graph replay on a GPU), and the step's
     memory floor in bytes: the weights, and the KV cache of the real columns."""
-    lane = isheep.Lane(rows, width + reps + 1, model.device)
+    lane = isheep.Lane(rows, width + reps + 2, model.device)   # room for the warm-up, the replays and one profiled step
     lane.add(model, [[0]] * rows, list(range(rows)), pad=0)   # makes the cache; its contents don't change the time
     lane.pos[:], lane.lengths = width - 1, [width - 1] * rows
     lane.batch, lane.width = isheep.graph_shape(lane, rows, width) if model.device.type == "cuda" else (rows, width)
     with isheep.lane_attention(model):
         step = lambda: isheep.decode_step(model, [lane], 1.0, 0.95, cascade=model.device.type != "cuda")
-        run = isheep.capture(step, [lane.pos, lane.token])[0].replay if model.device.type == "cuda" else step
+        run = step
+        if model.device.type == "cuda":
+            try:
+                run = isheep.capture(step, [lane.pos, lane.token], torch.cuda.graph_pool_handle())[0].replay
+            except Exception as e:   # as decode does: the same step, eagerly
+                print(f"note: the step could not be captured ({type(e).__name__}: {str(e).splitlines()[0][:200]}); timed eagerly")
         run()
         sync(model.device)
         t0 = time.perf_counter()

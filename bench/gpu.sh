@@ -6,6 +6,7 @@
 #   here, once:   bash bench/gpu.sh prepare   # wheels into .whl/, a tokenizer, a tiny model and the
 #                                             # baseline's isheep.py into .gpu/ (both ignored by git)
 #   on the GPU:   bash bench/gpu.sh           # with .whl and .gpu carried
+#   a rerun of some: ONLY="responses_7b_128 judge_7b" bash bench/gpu.sh
 #
 # Nothing can be downloaded there: models are random weights of Qwen2-0.5B's and Qwen2-7B's
 # shapes, built on the GPU; the tokenizer is the demo model's (its ids beyond it decode to nothing).
@@ -47,6 +48,7 @@ python3 -c "import torch, transformers, accelerate; print('torch', torch.__versi
 
 run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value line into summary.txt
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo; echo "=== $name: $*"; local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "/tmp/$name.txt" | grep -v "it/s]"
   local rc=${PIPESTATUS[0]}
