@@ -50,7 +50,7 @@ run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value 
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo; echo "=== $name: $*"; local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "/tmp/$name.txt" | grep -v "it/s]"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "/tmp/$name.txt" | grep -v "it/s]"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   echo "$name rc=$rc seconds=$((SECONDS - t0)) $(grep -E '^[a-z_]+=' "/tmp/$name.txt" | tail -1)" >> "$OUT/summary.txt"
