@@ -621,9 +621,9 @@ def capture(fn, state, pool):
             fn()
     finally:
         torch.cuda.set_sync_debug_mode(mode)
-    torch.cuda.current_stream().wait_stream(stream)
-    for t, s in zip(state, saved):
-        t.copy_(s)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(state, saved):
+            t.copy_(s)
     torch.cuda.empty_cache()   # what the warm-up cached is kept for its stream alone: give it back
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):   # current again however the capture ends
@@ -634,9 +634,9 @@ def capture(fn, state, pool):
             try:
                 graph.capture_end()
             except Exception:   # a broken capture leaves its pool open, and the next empty_cache() would assert
-                for undo in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
+                for undo in ("_cuda_endAllocateToPool", "_cuda_releasePool"):   # as torch.cuda.use_mem_pool ends
                     with contextlib.suppress(Exception):
-                        undo(stream.device_index, pool)
+                        getattr(torch._C, undo)(stream.device_index, pool)
                 raise
     return graph, out
 
@@ -731,7 +731,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             lanes = [lane for lane in lanes if lane.items or one_lane]
             if not any(lane.items for lane in lanes):
                 continue
-            steps = min(k, max(max_new_tokens - len(new[i]) for lane in lanes for i in lane.items))   # the judge's 10 tokens: 9, then 1
+            steps = min(k, max(max_new_tokens - len(new[i]) for lane in lanes for i in lane.items))   # the judge's 10: prefill, 8, 1
             for lane in lanes:   # this window's rows and columns: exact on a CPU, a few sizes to capture on a GPU
                 n, need = len(lane.items), max(lane.lengths) + steps
                 lane.batch, lane.width = graph_shape(lane, n, need) if one_lane else (n, need)
