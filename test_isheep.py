@@ -680,6 +680,53 @@ def test_decoding_with_replayed_steps_gives_the_eager_text(tiny, family, monkeyp
     assert not {op for op in ops if op.startswith(("aten._local_scalar_dense", "aten.nonzero", "aten.item"))}
 
 
+def fake_cuda(monkeypatch, calls, capture_end):
+    """The CUDA calls capture() makes, as fakes that record themselves (and that exist in torch:
+    monkeypatch refuses a name it can't find)."""
+    import contextlib
+    from types import SimpleNamespace
+    stream = SimpleNamespace(device_index=0, wait_stream=lambda other: None)
+    for name, fake in [("stream", lambda s: contextlib.nullcontext()),
+                       ("current_stream", lambda: stream), ("get_sync_debug_mode", lambda: 0),
+                       ("set_sync_debug_mode", lambda mode: calls.append(("sync debug", mode))),
+                       ("empty_cache", lambda: calls.append("empty_cache")),
+                       ("CUDAGraph", lambda: SimpleNamespace(capture_begin=lambda **kw: calls.append(("begin", kw)),
+                                                             capture_end=capture_end))]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    for name in ["_cuda_endAllocateToPool", "_cuda_releasePool"]:
+        monkeypatch.setattr(torch._C, name, lambda device, pool, name=name: calls.append((name, pool)))
+    monkeypatch.setattr(isheep, "side_stream", lambda device: stream)
+
+
+def test_a_capture_that_breaks_closes_its_pool_and_puts_the_state_back(monkeypatch):
+    """On a GPU, torch.cuda.graph leaves a broken capture's pool open (the next empty_cache()
+    asserts); capture() closes it before the error goes on to decode, which then runs eagerly."""
+    calls, pos = [], torch.zeros(3, dtype=torch.long)
+
+    def broken():
+        calls.append(("state at the capture", pos.tolist()))
+        raise RuntimeError("operation not permitted when stream is capturing")
+    fake_cuda(monkeypatch, calls, broken)
+    with pytest.raises(RuntimeError, match="capturing"):
+        isheep.capture(lambda: pos.add_(1), [pos], pool=(0, 7))
+    assert calls == [("sync debug", "error"), ("sync debug", 0), "empty_cache",
+                     ("begin", dict(pool=(0, 7), capture_error_mode="thread_local")),
+                     ("state at the capture", [1, 1, 1]),   # the warm-up's step undone; the capture's own ran here (a CPU)
+                     ("_cuda_endAllocateToPool", (0, 7)), ("_cuda_releasePool", (0, 7))]
+
+
+def test_a_warm_up_that_waits_on_the_host_is_refused_before_any_capture(monkeypatch):
+    calls, pos = [], torch.zeros(3, dtype=torch.long)
+    fake_cuda(monkeypatch, calls, lambda: calls.append("end"))
+
+    def syncing():
+        pos.add_(1)
+        raise RuntimeError("called a synchronizing CUDA operation")   # what sync debug mode "error" raises
+    with pytest.raises(RuntimeError, match="synchronizing"):
+        isheep.capture(syncing, [pos], pool=(0, 7))
+    assert calls == [("sync debug", "error"), ("sync debug", 0)] and pos.tolist() == [0, 0, 0]
+
+
 def test_a_prompt_far_longer_than_the_rest_decodes_in_a_lane_of_its_own(tiny, monkeypatch):
     tok, model = tiny_model(tiny)
     prompts = poet_prompts(tok)[:4] + [isheep.encode_prompt(tok, isheep.format_prompt(tok, "Write about seas. " * 40))]
