@@ -71,7 +71,7 @@ run greedy_05b_fp32 30 "${B[@]}" --shape 0.5b --dtype fp32 --n 8 --max-new-token
 # 4. One round of isheep.py on the tiny model: plain, then under accelerate launch with FSDP2 (1 process)
 ROUND=(--model .gpu/tiny --seeds seeds.jsonl --iters 1 --num-instructions 6 --max-attempts 6 --max-new-tokens 24
        --synth-max-new-tokens 120 --lora-rank 4 --batch-size 4 --epochs 1 --warmup-steps 1 --lr 1e-3 --max-len 1024
-       --eval-size 8 --no-progress)
+       --eval-size 8 --no-progress --overwrite)   # --overwrite: a rerun on the same machine starts over
 run round_plain 45 python3 isheep.py --out /tmp/round_plain "${ROUND[@]}"
 cat > /tmp/fsdp2.yaml <<'YAML'
 compute_environment: LOCAL_MACHINE
