@@ -58,7 +58,7 @@ run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value 
 B=(python3 bench/generate.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --seq-n 0 --hf-batch-size 0)
 
 # 1. Responses stage, 7B shape: isheep against generate_batch (default, and use_cuda_graph=True), the step time
-run responses_7b_128 120 "${B[@]}" --shape 7b --n 128 --cb-cuda-graph
+run responses_7b_128 135 "${B[@]}" --shape 7b --n 128 --cb-cuda-graph
 run responses_7b_256 75 "${B[@]}" --shape 7b --n 256
 # 2. The other two stages, 7B shape: this isheep, then the baseline's on the same workload
 run instructions_7b 40 "${B[@]}" --shape 7b --stage instructions --n 16
@@ -72,7 +72,7 @@ run greedy_05b_fp32 30 "${B[@]}" --shape 0.5b --dtype fp32 --n 8 --max-new-token
 ROUND=(--model .gpu/tiny --seeds seeds.jsonl --iters 1 --num-instructions 6 --max-attempts 6 --max-new-tokens 24
        --synth-max-new-tokens 120 --lora-rank 4 --batch-size 4 --epochs 1 --warmup-steps 1 --lr 1e-3 --max-len 1024
        --eval-size 8 --no-progress --overwrite)   # --overwrite: a rerun on the same machine starts over
-run round_plain 45 python3 isheep.py --out /tmp/round_plain "${ROUND[@]}"
+run round_plain 40 python3 isheep.py --out /tmp/round_plain "${ROUND[@]}"
 cat > /tmp/fsdp2.yaml <<'YAML'
 compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
@@ -86,7 +86,7 @@ fsdp_config:
   fsdp_state_dict_type: FULL_STATE_DICT
   fsdp_reshard_after_forward: true
 YAML
-run round_fsdp2 60 accelerate launch --config_file /tmp/fsdp2.yaml isheep.py --out /tmp/round_fsdp2 "${ROUND[@]}"
+run round_fsdp2 50 accelerate launch --config_file /tmp/fsdp2.yaml isheep.py --out /tmp/round_fsdp2 "${ROUND[@]}"
 echo; echo "=== summary"; cat "$OUT/summary.txt"
 echo; echo "=== issue 11's targets"
 python3 - "$OUT/summary.txt" <<'PY' | tee "$OUT/targets.txt"
