@@ -742,10 +742,8 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                                     device=device)
             tokens = []
             for j in range(steps):
-                a = 0
-                for lane in lanes:
-                    lane.uniform[:lane.batch] = uniforms[j, a:a + lane.batch]
-                    a += lane.batch
+                for lane, draw in zip(lanes, uniforms[j].split([lane.batch for lane in lanes])):
+                    lane.uniform[:lane.batch] = draw
                 key = (lanes[0].batch, lanes[0].width)
                 if graphs and key not in captured:
                     try:
