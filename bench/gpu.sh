@@ -4,7 +4,7 @@
 # run cut short still brings back the 7B figures.
 #
 #   here, once:   bash bench/gpu.sh prepare   # wheels into .whl/, a tokenizer, a tiny model and the
-#                                             # baseline's isheep.py into .gpu/ (both ignored by git)
+#                                             # baseline's isheep.py and the seed tasks into .gpu/ (both ignored by git)
 #   on the GPU:   bash bench/gpu.sh           # with .whl and .gpu carried
 #   a rerun of some: ONLY="responses_7b_128 judge_7b" bash bench/gpu.sh
 #
@@ -23,6 +23,7 @@ if [ "${1:-}" = prepare ]; then
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "transformers==$version" "regex>=2025.10.22"
   git show "$BASELINE:isheep.py" > .gpu/isheep_baseline.py
+  cp ../shared/data/self_instruct_seed_tasks.jsonl .gpu/   # ../shared does not travel to the GPU machine
   PYTHONPATH=. python - <<'PY'
 import torch, isheep, test_isheep as T
 from types import SimpleNamespace
@@ -55,7 +56,8 @@ run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value 
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   echo "$name rc=$rc seconds=$((SECONDS - t0)) $(grep -E '^[a-z_]+=' "/tmp/$name.txt" | tail -1)" >> "$OUT/summary.txt"
 }
-B=(python3 bench/generate.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --seq-n 0 --hf-batch-size 0)
+B=(python3 bench/generate.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --seeds .gpu/self_instruct_seed_tasks.jsonl
+   --seq-n 0 --hf-batch-size 0)
 
 # 1. Responses stage, 7B shape: isheep against generate_batch (default, and use_cuda_graph=True), the step time
 run responses_7b_128 135 "${B[@]}" --shape 7b --n 128 --cb-cuda-graph
