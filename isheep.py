@@ -544,10 +544,11 @@ class Lanes:
 LANE_ATTENTION = "isheep_lanes"
 
 
-@functools.cache
-def register_lane_attention():
-    """Register LANE_ATTENTION with transformers: SDPA on a batch in one tensor, and on keys and
-    values that come as lists (Lanes), SDPA a lane at a time over that lane's own columns."""
+@contextlib.contextmanager
+def lane_attention(model):
+    """For one decode the model attends with LANE_ATTENTION, whatever it was loaded with: SDPA
+    over the lanes' boolean masks, on keys and values in one tensor, or lane by lane over each
+    lane's own columns when they come as lists (Lanes). Then its own attention comes back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -565,13 +566,6 @@ def register_lane_attention():
 
     AttentionInterface.register(LANE_ATTENTION, attention)
     AttentionMaskInterface.register(LANE_ATTENTION, sdpa_mask)
-
-
-@contextlib.contextmanager
-def lane_attention(model):
-    """For one decode, the model attends with LANE_ATTENTION (SDPA over the lanes' boolean
-    masks), whatever it was loaded with; then its own attention comes back."""
-    register_lane_attention()
     own = model.config._attn_implementation
     model.set_attn_implementation(LANE_ATTENTION)
     try:
