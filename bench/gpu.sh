@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of isheep in one run of about 8 minutes on one H100 or H200, its tables under
+# Every GPU check of isheep in one run (302 s on an H200, each bench capped: 550 s at most), its tables under
 # $OUT (gpu.log: everything; summary.txt: each bench's key=value line). Most important first, so a
 # run cut short still brings back the 7B figures.
 #
-#   here, once:   bash bench/gpu.sh prepare   # wheels into .whl/, a tokenizer, a tiny model and the
-#                                             # baseline's isheep.py and the seed tasks into .gpu/ (both ignored by git)
+#   here, once:   bash bench/gpu.sh prepare   # into .whl/ and .gpu/ (both ignored by git): the wheels, a
+#                                             # tokenizer, a tiny model, the seed tasks, the baseline's isheep.py
 #   on the GPU:   bash bench/gpu.sh           # with .whl and .gpu carried
 #   a rerun of some: ONLY="responses_7b_128 judge_7b" bash bench/gpu.sh
 #
