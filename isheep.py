@@ -674,6 +674,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
     device, k = model.device, SYNC_EVERY if one_lane else 1
+    cascade = not one_lane   # one lane samples by one sort of the logits: the same shapes every step, no host sync
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     draws = [random.Random(s) for s in seeds]
     new, finished, captured, pool = [[] for _ in prompts], [False] * len(prompts), {}, None
@@ -714,7 +715,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                         lanes.append(Lane(len(group), max(len(prompts[i]) for i in group) + max_new_tokens + 1, device))
                     lane, a = lanes[-1], len(lanes[-1].items)
                     logits = lane.add(model, [prompts[i] for i in group], group, pad)
-                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p, cascade=not one_lane,
+                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p, cascade=cascade,
                                                           uniforms=torch.tensor([draws[i].random() for i in group], device=device))
                     for i, t in zip(group, lane.token[a:a + len(group)].tolist()):   # a row can end on its first token
                         advance(i, [t])
@@ -739,7 +740,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                 if graphs and key not in captured:
                     try:
                         pool = pool or torch.cuda.graph_pool_handle()   # this decode's graphs share it: they never run at once
-                        captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade=False),
+                        captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade),
                                                 [lanes[0].pos, lanes[0].token], pool)
                     except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
                         print0(f"note: decoding without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -748,7 +749,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
                     captured[key][0].replay()
                     tokens.append(captured[key][1].clone())
                 else:
-                    tokens.append(decode_step(model, lanes, temperature, top_p, cascade=not one_lane))
+                    tokens.append(decode_step(model, lanes, temperature, top_p, cascade))
             made = torch.stack(tokens).T.tolist()   # a CPU-GPU sync point, once a window
             for i, row in zip(items, made):
                 if i is not None:
