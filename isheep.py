@@ -25,6 +25,8 @@ generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop,
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import errno
 import fcntl
 import functools
@@ -399,21 +401,24 @@ def stop_token_ids(tok, model):
     return sorted(i for i in ids if i is not None)
 
 
-def batch_token_budget(model, args):
-    """--gen-batch-tokens, else 32768 on CPU, else what 70% of the GPU memory left beside the
-    weights holds as KV cache (allocated up front, so nothing else grows into it): 2 (K, V) x
-    layers x kv_heads x head_dim x bytes per token, /N under --tp.
-    (Qwen1.5-72B: 2.6 MB a token; Qwen1.5-7B: 0.5 MB; SmolLM2-135M: 23 kB.)"""
-    if args.gen_batch_tokens or model.device.type != "cuda":
-        return args.gen_batch_tokens or 32768
+def batch_token_budget(model, batch_tokens=None, tp=False):
+    """Tokens of KV cache a decode may hold (its slots x columns): batch_tokens if given; else what 70% of a GPU's
+    memory beside the weights holds (allocated up front, so nothing else grows into it), or a quarter of a CPU
+    machine's RAM (whose pages are committed only as rows write them). A token costs 2 (K, V) x layers x kv_heads x
+    head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; Qwen1.5-7B: 0.5 MB; SmolLM2-135M in fp32: 23 kB)."""
+    if batch_tokens:
+        return batch_tokens
     c = model.config.get_text_config()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-    shards = torch.distributed.get_world_size() if args.tp else 1
-    weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards
-    free = torch.cuda.get_device_properties(model.device).total_memory - weights
-    return max(2048, int(0.7 * free / (per_token / shards)))
+    shards = torch.distributed.get_world_size() if tp else 1
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize / shards
+    if model.device.type == "cuda":
+        weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards
+        free = 0.7 * (torch.cuda.get_device_properties(model.device).total_memory - weights)
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    return max(2048, int(free / per_token))
 
 
 def generation_units(prompts, max_new_tokens, budget):
@@ -463,132 +468,131 @@ def nucleus_draw(probs, order, uniforms, top_p):
     return order.gather(-1, pick).squeeze(-1)
 
 
-class Lane:
-    """Rows that share one static KV cache: per layer, keys and values of rows x kv_heads x
-    columns x head_dim, allocated once, on the layer's first write (so they take whatever shape
-    the layer writes: GQA, or a slice of the heads under --tp). A row's prompt sits left-padded
-    in columns start..L-1 of its slot; each step writes one column at the row's own position and
-    attends the first `width` columns, masked by [start, pos]. Rows fill slots 0..n-1 and a row
-    that ends is replaced by the last one, so no step copies the cache. transformers' attention
-    layers call update() as they would a Cache's."""
+@dataclasses.dataclass
+class Row:
+    """One prompt being decoded: its ids, its own random stream (one draw a token), what it has made so far."""
+    item: int
+    prompt: list
+    draws: random.Random
+    limit: int                # max_new_tokens
+    new: list = dataclasses.field(default_factory=list)
+    finished: bool = False    # ended by a stop (eos, the end of a turn, a stop string), not by the limit
+
+    @property
+    def ended(self):
+        return self.finished or len(self.new) == self.limit
+
+
+class SlotCache:
+    """The static KV cache of one decode, which transformers' attention layers write through update() as they would a
+    Cache: per layer, keys and values of slots x columns x kv_heads x head_dim, made on the layer's first write (so they
+    take whatever heads it has: GQA, or a slice of them under --tp). Row r's token at position t sits in column t of
+    slot r, and the row attends columns 0..pos[r] alone. Per slot on the device: pos, its last token, its next draw."""
 
     def __init__(self, slots, columns, device):
-        self.slots, self.columns, self.kv = slots, columns, {}
-        self.items, self.lengths = [], []   # per row: its item, and its columns in use (a host copy of pos)
-        self.pos, self.start, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(3))
-        self.uniform = torch.full((slots,), 0.5, device=device)   # this step's draw, per row
-        self.rows, self.batch, self.width, self.prefilling = torch.arange(slots, device=device), 0, 1, None
+        self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
+        self.pos, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
+        self.uniform = torch.full((slots,), 0.5, device=device)
+        self.rows = torch.arange(slots, device=device)
 
     def update(self, keys, values, layer, **kwargs):
-        if layer not in self.kv:
-            shape = (self.slots, keys.shape[1], self.columns, keys.shape[-1])
-            self.kv[layer] = keys.new_zeros(shape), values.new_zeros(shape)   # zeros: masked columns stay finite
+        if layer not in self.kv:   # no step reads a column before writing it: left uninitialised (a CPU commits no page)
+            shape = (self.slots, self.columns, keys.shape[1], keys.shape[-1])
+            self.kv[layer] = keys.new_empty(shape), values.new_empty(shape)
         k, v = self.kv[layer]
-        if self.prefilling is not None:   # new rows' prompts, from column 0; each attends to itself alone
-            k[self.prefilling, :, :keys.shape[2]], v[self.prefilling, :, :keys.shape[2]] = keys, values
-            return keys, values
+        if self.prefilling is not None:   # left-padded prompts: each row's keys move to its slot's columns 0..len-1
+            slots, shift = self.prefilling
+            cols = (shift[:, None] + torch.arange(keys.shape[2], device=shift.device)).clamp(max=keys.shape[2] - 1)
+            index = cols[:, None, :, None].expand_as(keys)
+            k[slots, :keys.shape[2]] = keys.gather(2, index).transpose(1, 2)
+            v[slots, :keys.shape[2]] = values.gather(2, index).transpose(1, 2)
+            return keys, values   # the prompts attend their own keys, under the prefill's mask
         n = len(keys)
-        k[self.rows[:n], :, self.pos[:n]], v[self.rows[:n], :, self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
-        return k[:n, :, :self.width], v[:n, :, :self.width]
+        k[self.rows[:n], self.pos[:n]], v[self.rows[:n], self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
+        return k, v
 
-    def add(self, model, prompts, items, pad):
-        """Prefill prompts into the next free rows; returns their last-position logits."""
-        a, (g, width) = len(self.items), (len(prompts), max(map(len, prompts)))
-        ids = torch.full((g, width), pad, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-        start = torch.tensor([width - len(p) for p in prompts], device=self.pos.device)
-        col = torch.arange(width, device=start.device)
-        mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= start[:, None, None])
-        self.prefilling = slice(a, a + g)
+    def prefill(self, model, prompts, first, pad):
+        """Write the prompts' keys and values into slots first, first+1, ... in one forward (left-padded to the
+        longest); returns each prompt's last-position logits."""
+        width, device = max(map(len, prompts)), self.pos.device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        shift = torch.tensor([width - len(p) for p in prompts], device=device)
+        col = torch.arange(width, device=device)
+        mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= shift[:, None, None])
+        self.prefilling = slice(first, first + len(prompts)), shift
         try:
-            logits = model(input_ids=ids.to(start.device), attention_mask=mask[:, None], cache=self, logits_to_keep=1,
-                           position_ids=(col[None, :] - start[:, None]).clamp(min=0)).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=(col - shift[:, None]).clamp(min=0),
+                           cache=self, logits_to_keep=1).logits[:, -1]
         finally:
             self.prefilling = None
-        self.start[a:a + g], self.pos[a:a + g] = start, width
-        self.items += items
-        self.lengths += [width] * g
+        self.pos[first:first + len(prompts)] = width - shift
         return logits
 
-    def keep(self, rows):
-        """Keep only these rows (ascending): each kept row beyond the new count moves into a freed slot."""
-        n, kept = len(rows), set(rows)
-        holes = [r for r in range(n) if r not in kept]
-        movers = [r for r in rows if r >= n]
-        if movers:
-            src, dst = torch.tensor(movers, device=self.pos.device), torch.tensor(holes, device=self.pos.device)
-            used = max(self.lengths[r] for r in movers)
-            for k, v in self.kv.values():
-                k[dst, :, :used], v[dst, :, :used] = k[src, :, :used], v[src, :, :used]
-            for t in (self.pos, self.start, self.token):
-                t[dst] = t[src]
-            for h, m in zip(holes, movers):
-                self.items[h], self.lengths[h] = self.items[m], self.lengths[m]
-        del self.items[n:], self.lengths[n:]
+    def move(self, src, dst, columns):
+        """Slots src move to slots dst: their first `columns` columns and their state."""
+        src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
+        for k, v in self.kv.values():
+            k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
+        for t in (self.pos, self.token):
+            t[dst] = t[src]
 
 
-class Lanes:
-    """The cache the model sees in a step over several lanes (CPU): each layer's new keys and
-    values go to their own lane, and the attention gets each lane's columns back, as lists."""
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+           scale: float | None) -> torch.Tensor:
+    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys
+    and values (slots x columns x kv_heads x head_dim): no row reads another row's length. On a GPU, one kernel
+    bounded by `used` (xformers' memory-efficient attention; the heads that share a KV head are packed as one
+    sequence, so each key is read once), which a CUDA graph replays with new lengths; on a CPU, row by row."""
+    n, heads, dim = query.shape
+    slots, columns, kv_heads = keys.shape[:3]
+    group = heads // kv_heads
+    if not query.is_cuda:   # 4-D: SDPA's CPU kernel takes 1 x kv_heads x columns x head_dim views as they are
+        rows = zip(query.reshape(n, 1, kv_heads, group, dim), keys[:n, None], values[:n, None], used.tolist())
+        return torch.cat([F.scaled_dot_product_attention(q, k[:, :u].transpose(1, 2), v[:, :u].transpose(1, 2), scale=scale)
+                          for q, k, v, u in rows]).reshape(n, heads, dim)
+    q = query.reshape(n, kv_heads, group, dim).transpose(1, 2).reshape(1, n * group, kv_heads, dim)
+    starts = torch.arange(0, (n + 1) * columns, columns, dtype=torch.int32, device=query.device)   # slot r's column 0
+    out = torch.ops.aten._efficient_attention_forward(
+        q, keys.view(1, -1, kv_heads, dim), values.view(1, -1, kv_heads, dim), None,
+        torch.arange(0, n * group + 1, group, dtype=torch.int32, device=query.device), starts, group, columns,
+        0.0, 0, False, scale=scale, seqlen_k=used.int())[0]
+    return out.view(n, group, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
 
-    def __init__(self, lanes):
-        self.lanes = lanes
 
-    def update(self, keys, values, layer, **kwargs):
-        out = [lane.update(k, v, layer) for lane, k, v in zip(self.lanes, *(t.split([l.batch for l in self.lanes])
-                                                                             for t in (keys, values)))]
-        return [k for k, _ in out], [v for _, v in out]
-
-
-LANE_ATTENTION = "isheep_lanes"
+ATTENTION = "isheep_slots"
 
 
 @contextlib.contextmanager
-def lane_attention(model):
-    """For one decode the model attends with LANE_ATTENTION, whatever it was loaded with: SDPA
-    over the lanes' boolean masks, on keys and values in one tensor, or lane by lane over each
-    lane's own columns when they come as lists (Lanes). Then its own attention comes back."""
+def slot_attention(model, cache):
+    """For one decode the model attends with ATTENTION, whatever it was loaded with: a prefill (which passes a mask)
+    through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own attention comes back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        if torch.is_tensor(key):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        out, start = [], 0
-        for k, v in zip(key, value):
-            rows = slice(start, start + len(k))
-            mask = attention_mask[rows, :, :, :k.shape[-2]]   # the mask is as wide as the widest lane
-            out.append(sdpa_attention_forward(module, query[rows], k, v, mask, **kwargs)[0])
-            start = rows.stop
-        return torch.cat(out), None
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if attention_mask is not None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return attend(query[:, :, 0], key, value, cache.pos[:len(query)] + 1, scaling)[:, None], None
 
-    AttentionInterface.register(LANE_ATTENTION, attention)
-    AttentionMaskInterface.register(LANE_ATTENTION, sdpa_mask)
+    AttentionInterface.register(ATTENTION, attention)   # no mask function: transformers makes no mask for a step
     own = model.config._attn_implementation
-    model.set_attn_implementation(LANE_ATTENTION)
+    model.set_attn_implementation(ATTENTION)
     try:
         yield
     finally:
         model.set_attn_implementation(own)
 
 
-def decode_step(model, lanes, temperature, top_p, cascade=True):
-    """One step of every lane's first `batch` rows: feed each row's token at its position, write
-    its keys and values into its lane, sample the next token from the row's draw. The same
-    tensors every time for one lane and (batch, width): the step a CUDA graph captures."""
-    col = torch.arange(max(lane.width for lane in lanes), device=lanes[0].pos.device)
-    pos, start = (torch.cat([getattr(lane, t)[:lane.batch] for lane in lanes]) for t in ("pos", "start"))
-    mask = (col >= start[:, None]) & (col <= pos[:, None])
-    logits = model(input_ids=torch.cat([lane.token[:lane.batch] for lane in lanes])[:, None], use_cache=True,
-                   attention_mask=mask[:, None, None], position_ids=(pos - start)[:, None],
-                   cache=lanes[0] if len(lanes) == 1 else Lanes(lanes)).logits[:, -1]
-    token = sample(logits, temperature, top_p, torch.cat([lane.uniform[:lane.batch] for lane in lanes]), cascade)
-    for lane, part in zip(lanes, token.split([lane.batch for lane in lanes])):
-        lane.token[:lane.batch] = part
-        lane.pos[:lane.batch] += 1
-    return token
+def decode_step(model, cache, temperature, top_p, cascade=True):
+    """One step of the cache's first `batch` rows: feed each row's token at its position, write its keys and values
+    there, attend its own columns, sample the next token from the row's draw. The same tensors every time for one
+    batch size: the step a CUDA graph captures."""
+    n = cache.batch
+    logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
+                   use_cache=True).logits[:, -1]
+    cache.token[:n] = sample(logits, temperature, top_p, cache.uniform[:n], cascade)
+    cache.pos[:n] += 1
+    return cache.token[:n].clone()
 
 
 @functools.cache
@@ -632,165 +636,184 @@ def capture(fn, state, pool):
     return graph, out
 
 
-def graph_shape(lane, rows, width):
-    """The rows and columns a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a
-    multiple of 16 (to 255), then of an eighth of the power of 2 below them (at most 1/8 spare);
-    columns to a multiple of 256. So few shapes, each captured once, serve a whole decode. The
-    spare rows read and write only free slots."""
+def graph_rows(rows, slots):
+    """The rows a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a multiple of 16 (to 255), then of
+    an eighth of the power of 2 below them (at most 1/8 spare). So a few shapes, each captured once, serve a whole
+    decode; the spare rows write and read one column of a free slot."""
     step = 1 << max(4, rows.bit_length() - 4)
-    rows = 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step
-    return min(lane.slots, rows), min(lane.columns, -(-width // 256) * 256)
+    return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
 
 
 SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
-MAX_ROWS = 1024   # rows of a GPU lane at most: past ~512 a 7B step is bound by its matmuls, and each row's sampling
-                  # takes ~40 bytes a vocabulary entry (6 GB at 1,024 rows of Qwen's 152k)
+MAX_ROWS = 1024   # rows of a decode at most: each row's sampling takes ~40 bytes a vocabulary entry (6 GB at 1,024 rows
+                  # of Qwen's 152k), and past ~512 a 7B step is bound by its matmuls anyway
+PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
 
 
-def lane_groups(queue, prompts, max_tokens):
-    """Cut length-sorted prompts into groups that pad no prompt past 1.25x its length (+8) when
-    left-padded to the group's longest, and that prefill at most max_tokens at once."""
+def prefill_groups(rows):
+    """Cut length-sorted rows into groups that pad no prompt past 1.25x its length (+8) when left-padded to the
+    group's longest, and that prefill at most PREFILL_TOKENS at once."""
     groups = []
-    for i in queue:
-        n = len(prompts[i])
-        if not groups or n > 1.25 * len(prompts[groups[-1][0]]) + 8 or (len(groups[-1]) + 1) * n > max_tokens:
+    for row in rows:
+        n = len(row.prompt)
+        if not groups or n > 1.25 * len(groups[-1][0].prompt) + 8 or (len(groups[-1]) + 1) * n > PREFILL_TOKENS:
             groups.append([])
-        groups[-1].append(i)
+        groups[-1].append(row)
     return groups
 
 
-def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad,
-           stop_strings=(), on_finish=lambda: None, one_lane=False, graphs=False):
-    """Continuous batching of prompts (token id lists) on static KV caches. The waiting prompts,
-    shortest first, join while they fit in the budget, and only once a quarter of the batch
-    could join (a join is a prefill). A row that ends (EOS, a stop string, the length cap)
-    leaves its lane. Item i draws its tokens from random.Random(seeds[i]), one draw a token.
-    one_lane (a GPU's way): every row lives in one lane that holds `budget` tokens; steps run
-    SYNC_EVERY at a time between two reads of their tokens, on a few row counts and widths, each
-    step captured once as a CUDA graph if `graphs`. Else (a CPU's way) each group of similar
-    lengths (lane_groups) gets a lane of its own and steps run one at a time: in one lane the
-    longest prompt would size every slot and widen every row (~0.65x on the CPU bench). Returns
-    (new tokens, finished) per prompt."""
+def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
+           on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
+    """Continuous batching of prompts (token id lists) on one SlotCache. Three phases repeat: rows that ended leave
+    their slots (evict); waiting prompts, shortest first, fill the free slots once a quarter of the batch could join
+    (admit, a prefill); the running rows take a window of steps (step). A GPU runs SYNC_EVERY steps between two reads
+    of their tokens, on a few row counts, each captured once as a CUDA graph if `graphs`; a CPU one step at a time.
+    Item i draws its tokens from random.Random(seeds[i]). tp: every rank runs this decode in lockstep (--tp), so they
+    decide together whether to capture. gpu: decode the GPU's way (default: on a GPU). trace, a list, gets each
+    window's (steps, rows fed, the running rows' lengths), for benchmarks. Returns (new tokens, finished) per prompt."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-    device, k = model.device, SYNC_EVERY if one_lane else 1
-    cascade = not one_lane   # one lane samples by one sort of the logits: the same shapes every step, no host sync
-    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    draws = [random.Random(s) for s in seeds]
-    new, finished, captured, pool = [[] for _ in prompts], [False] * len(prompts), {}, None
-    columns = max(map(len, prompts)) + max_new_tokens + k
-    for layer in DynamicCache(config=model.config).layers:   # a lane keeps every column of every layer
+    device = model.device
+    gpu = device.type == "cuda" if gpu is None else gpu
+    window = SYNC_EVERY if gpu else 1
+    columns = max(map(len, prompts)) + max_new_tokens + window
+    for layer in DynamicCache(config=model.config).layers:   # a row attends every column it has
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(layer, "sliding_window", columns) < columns:
             die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
                 f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends to "
                 f"all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or shorter rows")
-    lanes = [Lane(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)] if one_lane else []
+    cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)
+    rows = [Row(i, p, random.Random(s), max_new_tokens) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    waiting, running, captured = sorted(rows, key=lambda r: len(r.prompt)), [], {}
+    state = dict(graphs=graphs, pool=None)
 
-    def ended(i):
-        return finished[i] or len(new[i]) == max_new_tokens
-
-    def advance(i, tokens):   # item i made these tokens: keep those up to its end
+    def take(row, tokens):
+        """The row keeps its tokens up to its end: a stop token, its limit, or the token completing a stop string."""
+        seen = len(row.new)
         for t in tokens:
-            new[i].append(t)
-            finished[i] = t in eos
-            if ended(i):
+            row.new.append(t)
+            row.finished = t in eos
+            if row.ended:
                 break
-        finished[i] = finished[i] or any(s in tok.decode(new[i][-8 - len(tokens):]) for s in stop_strings)
-        if ended(i):
+        tail = max(0, seen - 8)
+        if stop_strings and any(s in tok.decode(row.new[tail:]) for s in stop_strings):   # rare: find its token
+            end = next((k for k in range(seen + 1, len(row.new) + 1)
+                        if any(s in tok.decode(row.new[max(0, k - 9):k]) for s in stop_strings)), None)
+            if end is not None:
+                del row.new[end:]
+                row.finished = True
+        if row.ended:
             on_finish()
 
-    with lane_attention(model):
-        while queue or any(lane.items for lane in lanes):
-            running = [i for lane in lanes for i in lane.items]
-            if one_lane:
-                fit = min(len(queue), lanes[0].slots - len(running))
-            else:   # a row costs its prompt + max_new_tokens of the budget; one joins at least when none runs
-                room = budget - sum(len(prompts[i]) + max_new_tokens for i in running)
-                fit = sum(c <= room for c in itertools.accumulate(len(prompts[i]) + max_new_tokens for i in queue))
-                fit = fit or int(not running)
-            if fit and (fit == len(queue) or fit >= len(running) // 4):
-                joining, queue = queue[:fit], queue[fit:]
-                for group in lane_groups(joining, prompts, PREFILL_TOKENS):
-                    if not one_lane:
-                        lanes.append(Lane(len(group), max(len(prompts[i]) for i in group) + max_new_tokens + 1, device))
-                    lane, a = lanes[-1], len(lanes[-1].items)
-                    logits = lane.add(model, [prompts[i] for i in group], group, pad)
-                    lane.token[a:a + len(group)] = sample(logits, temperature, top_p, cascade=cascade,
-                                                          uniforms=torch.tensor([draws[i].random() for i in group], device=device))
-                    for i, t in zip(group, lane.token[a:a + len(group)].tolist()):   # a row can end on its first token
-                        advance(i, [t])
-            for lane in lanes:   # rows that ended leave; the last rows take their slots
-                lane.keep([r for r, i in enumerate(lane.items) if not ended(i)])
-            lanes = [lane for lane in lanes if lane.items or one_lane]
-            if not any(lane.items for lane in lanes):
-                continue
-            steps = min(k, max(max_new_tokens - len(new[i]) for lane in lanes for i in lane.items))   # the judge's 10: prefill, 8, 1
-            for lane in lanes:   # this window's rows and columns: exact on a CPU, a few sizes to capture on a GPU
-                n, need = len(lane.items), max(lane.lengths) + steps
-                lane.batch, lane.width = graph_shape(lane, n, need) if one_lane else (n, need)
-                lane.pos[n:lane.batch], lane.start[n:lane.batch] = 0, 0   # a graph's spare rows: harmless
-            items = [i for lane in lanes for i in lane.items + [None] * (lane.batch - len(lane.items))]
-            uniforms = torch.tensor([[draws[i].random() if i is not None else 0.5 for i in items] for _ in range(steps)],
-                                    device=device)
-            tokens = []
-            for j in range(steps):
-                for lane, draw in zip(lanes, uniforms[j].split([lane.batch for lane in lanes])):
-                    lane.uniform[:lane.batch] = draw
-                key = (lanes[0].batch, lanes[0].width)
-                if graphs and key not in captured:
-                    try:
-                        pool = pool or torch.cuda.graph_pool_handle()   # this decode's graphs share it: they never run at once
-                        captured[key] = capture(lambda: decode_step(model, lanes, temperature, top_p, cascade),
-                                                [lanes[0].pos, lanes[0].token], pool)
-                    except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
-                        print0(f"note: decoding without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                        graphs = False
-                if graphs:
-                    captured[key][0].replay()
-                    tokens.append(captured[key][1].clone())
-                else:
-                    tokens.append(decode_step(model, lanes, temperature, top_p, cascade))
-            made = torch.stack(tokens).T.tolist()   # a CPU-GPU sync point, once a window
-            for i, row in zip(items, made):
-                if i is not None:
-                    advance(i, row)
-            for lane in lanes:
-                lane.lengths = [n + steps for n in lane.lengths]
-    return new, finished
+    def evict():
+        """Rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full."""
+        kept = [r for r, row in enumerate(running) if not row.ended]
+        holes = [r for r in range(len(kept)) if running[r].ended]
+        movers = [r for r in kept if r >= len(kept)]
+        if movers:
+            cache.move(movers, holes, max(len(running[r].prompt) + len(running[r].new) for r in movers))
+        order = list(range(len(kept)))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        running[:] = [running[r] for r in order]
 
+    def admit():
+        """Waiting prompts fill the free slots, prefilled in groups of similar length; each samples its first token."""
+        fit = min(len(waiting), cache.slots - len(running))
+        if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
+            return
+        for group in prefill_groups(waiting[:fit]):
+            first = len(running)
+            logits = cache.prefill(model, [row.prompt for row in group], first, pad)
+            draws = torch.tensor([row.draws.random() for row in group], device=device)
+            cache.token[first:first + len(group)] = sample(logits, temperature, top_p, draws, cascade=not gpu)
+            for row, t in zip(group, cache.token[first:first + len(group)].tolist()):
+                take(row, [t])
+            running.extend(group)
+        del waiting[:fit]
 
-PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
+    def step():
+        """A window of steps for every running row; then their tokens are read, once."""
+        steps = min(window, max(row.limit - len(row.new) for row in running))   # the judge's 10: prefill, 8, 1
+        n = len(running)
+        cache.batch = graph_rows(n, cache.slots) if gpu else n
+        cache.pos[n:cache.batch] = 0
+        if trace is not None:
+            trace.append((steps, cache.batch, [len(row.prompt) + len(row.new) for row in running]))
+        draws = torch.tensor([[row.draws.random() for row in running] + [0.5] * (cache.batch - n) for _ in range(steps)],
+                             device=device)
+        made = []
+        for j in range(steps):
+            cache.uniform[:cache.batch] = draws[j]
+            if state["graphs"] and cache.batch not in captured:
+                try_capture()
+            if state["graphs"]:
+                graph, out = captured[cache.batch]
+                graph.replay()
+                made.append(out.clone())
+            else:
+                made.append(decode_step(model, cache, temperature, top_p, cascade=not gpu))
+        if state["graphs"] and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
+            torch.distributed.all_reduce(torch.ones(1, device=device))
+        for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
+            take(row, tokens)
+
+    def try_capture():
+        """Capture this batch size's step; under --tp every rank keeps its graphs only if every rank captured."""
+        error = None
+        try:
+            state["pool"] = state["pool"] or torch.cuda.graph_pool_handle()   # one pool: the graphs never run at once
+            captured[cache.batch] = capture(lambda: decode_step(model, cache, temperature, top_p, cascade=False),
+                                            [cache.pos, cache.token], state["pool"])
+        except Exception as e:   # a model or attention a graph can't hold
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        ok = torch.tensor([error is None], device=device)
+        if tp:
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not ok.item():
+            print0(f"note: decoding without CUDA graphs ({error or 'a capture failed on another rank'})")
+            state["graphs"] = False
+            captured.clear()
+
+    with slot_attention(model, cache):
+        while True:
+            evict()
+            if not waiting and not running:
+                break
+            admit()
+            if any(not row.ended for row in running):
+                step()
+    return [row.new for row in rows], [row.finished for row in rows]
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top_p,
-             stop_strings=(), seed=0, done=None, desc="generate"):
+def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
+             tp=False, batch_tokens=None, progress=True, desc="generate"):
     """Yield {index: {"text", "tokens", "finished"}} as units of prompts are decoded.
 
-    prompts are token id lists. Units whose items are all in `done` are skipped (resume). Item i
-    samples from seed_for(seed, i): reproducible, whatever unit, rank or batch it falls in. Every
-    rank makes the same calls to gather_object, so none can hang."""
+    prompts are token id lists. Units whose items are all in `done` are skipped (resume). Item i samples from
+    seed_for(seed, i): reproducible, whatever unit, rank or batch it falls in. Every rank makes the same calls to
+    gather_object, so none can hang. tp: the model is sliced across all ranks, which run every unit together.
+    Tokens are counted up to the end: the stop token, or the token that completes a stop string."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     done = done or {}
     eos = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    budget = batch_token_budget(model, args)
+    budget = batch_token_budget(model, batch_tokens, tp)
     units = [u for u in generation_units(prompts, max_new_tokens, budget) if not all(i in done for i in u)]
-    gpu = model.device.type == "cuda"
-    # With --tp every rank holds a slice of every layer and must run the same unit.
-    world, rank = (1, 0) if args.tp else (acc.num_processes, acc.process_index)
+    world, rank = (1, 0) if tp else (acc.num_processes, acc.process_index)
     bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item",
-               disable=not acc.is_main_process or args.no_progress, dynamic_ncols=True)
+               disable=not acc.is_main_process or not progress, dynamic_ncols=True)
     t0, n_tokens = time.time(), 0
     for c in range(0, len(units), world):   # one unit per rank between two gathers
         out, shown = {}, bar.n
         for unit in units[c:c + world][rank:rank + 1]:
             new, finished = decode(model, tok, [prompts[i] for i in unit], [seed_for(seed, i) for i in unit],
-                                   budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, eos=eos, pad=pad, stop_strings=stop_strings, on_finish=bar.update,
-                                   one_lane=gpu, graphs=gpu and not args.tp)   # --tp: collectives stay out of graphs
+                                   budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   eos=eos, pad=pad, stop_strings=stop_strings, on_finish=bar.update,
+                                   graphs=model.device.type == "cuda", tp=tp)
             for i, row, end in zip(unit, new, finished):
                 text = tok.decode(row, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
@@ -804,14 +827,15 @@ def generate(model, tok, prompts, *, acc, args, max_new_tokens, temperature, top
     bar.close()
 
 
-def generate_stage(path, model, tok, prompts, *, acc, first=0, **kw):
+def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
     """generate() with resume: finished items are appended to `path` as they come (as item
     first + i) and read back on restart. Returns one completion per prompt, in prompt order."""
     saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
     if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
         write_jsonl(path, saved)
     done = {r["i"] - first: r for r in saved if first <= r["i"] < first + len(prompts)}
-    for chunk in generate(model, tok, prompts, acc=acc, done=done, **kw):
+    for chunk in generate(model, tok, prompts, acc=acc, done=done, tp=args.tp, batch_tokens=args.gen_batch_tokens,
+                          progress=not args.no_progress, **kw):
         done.update({i: dict(r, i=first + i) for i, r in chunk.items()})
         if acc.is_main_process:
             append_jsonl(path, [done[i] for i in chunk])
@@ -1006,34 +1030,41 @@ def tokenize_pair(tok, pair, max_len):
     return ids, ([-100] * len(prompt) + response)[:max_len]
 
 
-def collate(examples, pad_id):
-    """Right-padded batch; the attention mask comes from lengths (pad may equal eos)."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (x, y) in enumerate(examples):
-        ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
+def pack(examples):
+    """Examples (ids, labels) back to back in one row, with no padding: (ids, their positions, restarting at each
+    example, the next-token targets, -100 where none is supervised or the example ends, and cu_seqlens, where each
+    example starts). Nothing crosses from one example to the next: attention is cut at cu_seqlens (packed_attention)."""
+    ids = torch.tensor([t for x, _ in examples for t in x])
+    positions = torch.cat([torch.arange(len(x)) for x, _ in examples])
+    targets = torch.tensor([t for _, y in examples for t in y[1:] + [-100]])
+    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(len(x) for x, _ in examples)), dtype=torch.int32)
+    return ids, positions, targets, cu_seqlens
 
 
-def epoch_steps(examples, batch_size, rng):
-    """One epoch as a list of optimizer steps (lists of example indices). Every example once;
-    examples are grouped by length within windows of 8 steps, and the steps shuffled, so a
-    micro-batch rarely pads: the same data per epoch for far fewer FLOPs."""
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    window = 8 * batch_size
-    steps = []
-    for w in range(0, len(order), window):
-        group = sorted(order[w:w + window], key=lambda i: len(examples[i][0]))
-        steps += [group[s:s + batch_size] for s in range(0, len(group), batch_size)]
-    rng.shuffle(steps)
-    return steps
+PACKED = "isheep_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
+                     **kwargs):
+    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q.
+    On a GPU (bf16, Ampere or newer) one call of torch's own FlashAttention, varlen, differentiable; elsewhere
+    example by example. transformers passes these arguments from the model's call down to every layer."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
+                                                      0.0, True, False, scale=scaling)[0]
+        return out[None], None
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # GQA: a KV head per query head
+    bounds = cu_seq_lens_q.tolist()
+    out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
+                                          scale=scaling)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(out)[None], None
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, with W frozen and A, B trained (B starts at zero)."""
+    """y = W x + (alpha/r) B A x, with W frozen and A, B trained (B starts at zero). A and B are fp32 master
+    weights; under autocast their products run in bf16, as the base layer's do."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -1045,7 +1076,7 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
-        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(x.dtype)
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
 
 def add_lora(model, rank, alpha):
@@ -1059,19 +1090,37 @@ def add_lora(model, rank, alpha):
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
-def merge_lora(state_dict, scale):
-    """A full state dict with every LoRA pair folded into its base weight, under the original
-    key names: what from_pretrained expects. Works on any gathered (FSDP, ZeRO-3) state dict."""
-    merged = {}
-    for key, value in state_dict.items():
-        if ".lora_" in key:
-            continue
-        if key.endswith(".base.weight"):
-            prefix = key[:-len(".base.weight")]
-            a, b = state_dict[prefix + ".lora_A"].float(), state_dict[prefix + ".lora_B"].float()
-            value = (value.float() + scale * b @ a).to(value.dtype)
-        merged[key.replace(".base.", ".")] = value
-    return merged
+def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
+    """One optimizer step on the examples `step` (indices), every rank together: this rank's share (of the step
+    sorted by length, dealt in turn, so shares are alike) cut into the accelerator's gradient_accumulation_steps
+    micro-batches, each packed into one row. A micro-batch adds its summed token cross-entropy, at the supervised
+    positions alone, / the whole step's supervised tokens, so the loss depends on neither the ranks nor the cut.
+    Every rank knows every step, so that count needs no communication, and nothing here waits on the GPU.
+    Returns (this rank's part of the step's loss, a device scalar; the gradient norm; its tokens)."""
+    world, accum = acc.num_processes, acc.gradient_accumulation_steps
+    step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
+    share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
+    loss, tokens = torch.zeros((), device=acc.device), 0
+    for k in range(accum):
+        batch = share[k * len(share) // accum:(k + 1) * len(share) // accum]
+        ids, positions, targets, cu_seqlens = pack([examples[i] for i in batch or step[:1]])   # an empty share
+        keep = (targets != -100).nonzero().squeeze(1)                                          # still joins in
+        longest = max(len(examples[i][0]) for i in batch or step[:1])
+        with acc.accumulate(model), acc.autocast():
+            logits = model(input_ids=ids[None].to(acc.device), position_ids=positions[None].to(acc.device),
+                           logits_to_keep=keep.to(acc.device), cu_seq_lens_q=cu_seqlens.to(acc.device),
+                           max_length_q=longest).logits[0]
+            part = F.cross_entropy(logits.float(), targets[keep].to(acc.device), reduction="sum") / step_tokens
+            acc.backward(part * bool(batch) * world * accum)   # undoes accelerate's / accum and DDP's mean
+            if acc.sync_gradients:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                if scheduler:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        loss += part.detach() * bool(batch)
+        tokens += len(ids) * bool(batch)
+    return loss, grad_norm, tokens
 
 
 def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
@@ -1091,7 +1140,7 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
         trainable = add_lora(model, args.lora_rank, args.lora_alpha)
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = args.epochs * steps_per_epoch
     warmup = min(args.warmup_steps, total)
@@ -1104,72 +1153,95 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     # The scheduler stays out of prepare(): accelerate would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
+    # prepare() maps the optimizer's parameters to the sharded ones by their data pointer, which every meta tensor
+    # shares (0): on the ranks that built the model empty, point it at them again (it holds no state yet).
+    optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    world, rank, accum = acc.num_processes, acc.process_index, args.grad_accum
     losses, bar = [], tqdm(total=total, desc=f"round {rnd} sft", unit="step",
                            disable=not acc.is_main_process or args.no_progress, dynamic_ncols=True)
     t0, n_tokens = time.time(), 0
     for epoch in range(args.epochs):
-        for step in epoch_steps(examples, args.batch_size, random.Random(seed_for(args.seed, rnd, "sft", epoch))):
-            # Every rank knows every step (same seed), so the supervised-token count of the whole
-            # step is known without communication. Each micro-batch adds its summed token loss
-            # / that count; the factor world*accum undoes accelerate's /accum and DDP's mean.
-            step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
-            by_length = sorted(step, key=lambda i: len(examples[i][0]))
-            share = by_length[rank::world]
-            micro = [share[k * len(share) // accum:(k + 1) * len(share) // accum] for k in range(accum)]
-            step_loss = torch.zeros((), device=acc.device)
-            for batch in micro:
-                weight = 1.0 if batch else 0.0   # an empty share still joins the collectives
-                ids, labels, mask = (t.to(acc.device) for t in collate([examples[i] for i in batch or step[:1]], tok.pad_token_id))
-                with acc.accumulate(model), acc.autocast():
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction="sum")
-                    loss = weight * token_loss / step_tokens
-                    acc.backward(loss * world * accum)
-                    if acc.sync_gradients:
-                        grad_norm, lr = acc.clip_grad_norm_(model.parameters(), 1.0), scheduler.get_last_lr()[0]
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach()
-                n_tokens += int(mask.sum()) if batch else 0
-            losses.append(acc.reduce(step_loss, "sum").item())   # a sync point, once per step
-            rate = n_tokens * world / (time.time() - t0)
+        order = random.Random(seed_for(args.seed, rnd, "sft", epoch)).sample(range(len(examples)), len(examples))
+        for s in range(0, len(order), args.batch_size):
+            lr = scheduler.get_last_lr()[0]
+            loss, grad_norm, tokens = sft_step(model, optimizer, examples, order[s:s + args.batch_size], acc=acc,
+                                               scheduler=scheduler)
+            losses.append(acc.reduce(loss, "sum").item())   # a sync point, once per step
+            n_tokens += tokens
+            rate = n_tokens * acc.num_processes / (time.time() - t0)
             track(acc, f"sft {first_step + len(losses)}", {"sft/loss": losses[-1], "sft/lr": lr,
                   "sft/grad_norm": float(grad_norm), "sft/tokens_per_s": rate}, first_step + len(losses))
             bar.update(1)
             bar.set_postfix_str(f"loss {losses[-1]:.3f}, {rate:.0f} tok/s")
     bar.close()
-    save_model(model, tok, save_dir, acc=acc, args=args)
+    save_model(model, tok, save_dir, acc=acc, lora_scale=args.lora_alpha / max(args.lora_rank, 1),
+               progress=not args.no_progress)
     del model, optimizer, scheduler
     free_memory(acc)
     return losses, len(pairs) - len(examples)
 
 
-def save_model(model, tok, save_dir, *, acc, args):
-    """Write a full, merged model (safetensors) + tokenizer to save_dir, atomically: it goes
-    to save_dir.tmp first and is renamed only once complete."""
-    state_dict = acc.get_state_dict(model)   # collective under FSDP / ZeRO-3: every rank calls it
+def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
+    """Write the full model as from_pretrained reads it, every LoRA pair folded into its base weight (in fp32):
+    safetensors shards planned as save_pretrained plans them, then gathered (under FSDP every rank takes part),
+    merged and written one shard at a time, so the main process holds one shard beside its own copy of the model, if
+    it has one; then the index, config, generation config and tokenizer. All of it goes to save_dir.tmp first and
+    is renamed only once complete."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+    from tqdm.auto import tqdm
+    model = acc.unwrap_model(model)
+    state, names, seen = model.state_dict(keep_vars=True), {}, set()
+    for key, t in state.items():   # a tied weight once, under its first name, as save_pretrained writes it
+        if ".lora_" not in key and id(t) not in seen:
+            seen.add(id(t))
+            lora = key.endswith((".base.weight", ".base.bias")) and key.rsplit(".base.", 1)[0] + ".lora_A" in state
+            names[key.replace(".base.", ".") if lora else key] = key
+    plan = split_torch_state_dict_into_shards({k: torch.empty(state[v].shape, dtype=state[v].dtype, device="meta")
+                                               for k, v in names.items()}, max_shard_size=shard_size,
+                                              filename_pattern="model{suffix}.safetensors")
+
+    def full(key):   # a whole tensor on the main process (gathered from every rank's shard under FSDP); None elsewhere
+        t = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
+        return t.detach().cpu() if acc.is_main_process else None
+
+    tmp = Path(f"{save_dir}.tmp")
     if acc.is_main_process:
-        if args.lora_rank:
-            state_dict = merge_lora(state_dict, args.lora_alpha / args.lora_rank)
-        tmp = Path(f"{save_dir}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = acc.unwrap_model(model)
-        model.config.use_cache = True
-        model.generation_config.eos_token_id = stop_token_ids(tok, model)   # generate() stops at the end of a turn
-        with writing(tmp):
-            try:
-                model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")   # safetensors shards
-            except Exception as e:   # safetensors reports a full disk as "... (os error 28)", not as an OSError
-                code = re.search(r"\(os error (\d+)\)", str(e))
-                if code is None:
-                    raise
-                raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+        tmp.mkdir(parents=True)
+    shards = tqdm(plan.filename_to_tensors.items(), desc=f"saving {save_dir.name} to {save_dir.parent}", unit="shard",
+                  disable=not acc.is_main_process or not progress)
+    with writing(tmp):
+        for filename, keys in shards:
+            shard = {}
+            for key in keys:
+                weight = full(names[key])
+                if names[key].endswith(".base.weight"):   # every rank gathers the pair; the main one folds it in
+                    a, b = full(names[key][:-len("base.weight")] + "lora_A"), full(names[key][:-len("base.weight")] + "lora_B")
+                    if acc.is_main_process:
+                        weight = (weight.float() + lora_scale * b.float() @ a.float()).to(weight.dtype)
+                shard[key] = weight
+            if acc.is_main_process:
+                try:
+                    save_file({k: v.contiguous() for k, v in shard.items()}, tmp / filename, metadata={"format": "pt"})
+                except Exception as e:   # safetensors reports a full disk as "... (os error 28)", not as an OSError
+                    code = re.search(r"\(os error (\d+)\)", str(e))
+                    if code is None:
+                        raise
+                    raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+        if acc.is_main_process:
+            if plan.is_sharded:
+                index = dict(metadata=dict(plan.metadata, total_parameters=sum(state[v].numel() for v in names.values())),
+                             weight_map=plan.tensor_to_filename)
+                write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+            model.config.use_cache, model.config.dtype = True, str(state[next(iter(names.values()))].dtype).split(".")[1]
+            model.config.architectures = [type(model).__name__.removeprefix("FSDP")]   # FSDP2 renames the class
+            model.config.save_pretrained(tmp)
+            model.generation_config.eos_token_id = stop_token_ids(tok, model)   # generate() stops at the end of a turn
+            model.generation_config.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        os.replace(tmp, save_dir)
+            os.replace(tmp, save_dir)
     acc.wait_for_everyone()
 
 
@@ -1230,24 +1302,30 @@ def check_model(ref, args):
 def load_model(ref, args, acc, *, training=False):
     """Weights in bf16 on GPUs that support it, else fp32. A generation model is a full copy
     per rank (data parallel) or, with --tp, sliced across ranks by transformers' tp_plan.
-    A training model stays on CPU until prepare() places (or shards) it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    A training model stays on CPU until prepare() places (or shards) it, and attends packed rows (packed_attention)."""
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     path, gguf = ref
     kw = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code, gguf_file=gguf)
-    if importlib.util.find_spec("flash_attn") and torch.cuda.is_available():
-        kw["attn_implementation"] = "flash_attention_2"
-    if not training:
+    if training:   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
+        AttentionInterface.register(PACKED, packed_attention)
+        kw.update(attn_implementation=PACKED, dtype=args.dtype if args.lora_rank else torch.float32)
+    else:
         kw.update(distributed_config=DistributedConfig(tp_plan="auto")) if args.tp else kw.update(device_map={"": acc.device})
-    if training and not args.lora_rank:
-        kw["dtype"] = torch.float32   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
     plugin = getattr(acc.state, "fsdp_plugin", None)
-    if training and plugin is not None and plugin.cpu_ram_efficient_loading and not acc.is_main_process:
-        # Only rank 0 reads the weights; prepare() broadcasts them into each rank's shards.
-        # (72B in bf16 is 144 GB: one copy per rank would not fit in a node's RAM.)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=kw["dtype"], trust_remote_code=args.trust_remote_code)
+    if training and plugin is not None and plugin.cpu_ram_efficient_loading:
+        # Only rank 0 reads the weights; prepare() broadcasts them into each rank's shards
+        # (72B in bf16 is 145 GB: a copy per rank would not fit in a node's RAM). The other ranks
+        # build the model with its parameters on the meta device, its buffers (rotary) real.
+        print0(f"loading {gguf or path} on rank 0 alone; the other {acc.num_processes - 1} ranks wait for its weights")
+        if not acc.is_main_process:
+            from accelerate import init_empty_weights
+            config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=kw["dtype"], attn_implementation=PACKED,
+                                                         trust_remote_code=args.trust_remote_code)
+            model.tie_weights()   # as from_pretrained ties them: FSDP2 maps the tied pair to one parameter
+            return model
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if gguf:   # GGUF weights arrive dequantized, but the quantizer marker blocks save_pretrained
         model.hf_quantizer = None
@@ -1504,6 +1582,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("Runtime")
     g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an uninterrupted one")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank waits in a collective (e.g. for rank "
+                                                                     "0 to load or write a model) before the run is ended")
     g.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER", choices=TRACKERS,
                    help=f"log to accelerate's trackers: {', '.join(TRACKERS)} (files under --out/tracking/)")
     g.add_argument("--run-name", help="the trackers' name for this run (default: the folder name of --out)")
@@ -1529,7 +1609,7 @@ def parse_args(argv=None):
 
 
 # Settings that don't change results; everything else must match to resume a run.
-NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id"}
+NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id", "dist_timeout"}
 TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
 
 
@@ -1619,11 +1699,16 @@ def run(args):
     torch.backends.cuda.enable_cudnn_sdp(False)
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
     missing = [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]
     if missing:   # accelerate would drop it silently
         die(f"--report-to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]})")
-    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
+        die("DeepSpeed is not supported: shard training with FSDP2 instead (README, 'Scaling up': "
+            "accelerate launch --config_file fsdp2.yaml isheep.py ...)")
+    # Rank 0 alone loads a model and writes each round's (145 GB at 72B): every collective may wait that long.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))
+    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum, kwargs_handlers=[timeout],
                       mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
                       log_with=args.report_to or None,
                       project_config=ProjectConfiguration(project_dir=args.out, logging_dir=Path(args.out) / "tracking"))

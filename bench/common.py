@@ -57,6 +57,8 @@ def add_model_args(p):
     p.add_argument("--shape", choices=list(QWEN2), help="random weights of a Qwen2 shape, built on --device, instead of "
                                                          "the demo model (nothing to download)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the demo model's, read from its GGUF file)")
+    p.add_argument("--tokenizer-vocab", action="store_true", help="--shape: a vocabulary of the tokenizer's size (every "
+                                                                  "id decodes), instead of the shape's own")
 
 
 def prepare_model_machine(args):
@@ -83,7 +85,8 @@ def load_bench_model(args, margs, training=False):
         return tok, model.to(args.device)
     torch.manual_seed(0)
     dtype = torch.float32 if training and not margs.lora_rank else margs.dtype   # as isheep.load_model: fp32 master weights
-    config = Qwen2Config(**QWEN2[args.shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+    config = Qwen2Config(**dict(QWEN2[args.shape], **({"vocab_size": len(tok)} if args.tokenizer_vocab else {})),
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
     with torch.device(args.device):   # initialised where it runs: a 7B model in a few seconds on a GPU
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tok.eos_token_id
