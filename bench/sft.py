@@ -1,19 +1,24 @@
-"""Benchmark step 7's SFT loop: how isheep forms micro-batches vs. shuffled fixed-size ones.
+"""Benchmark step 7's SFT: isheep.sft_step (packed rows) against padded batches and TRL, on the same examples.
 
-What is measured and why: on CPU (and on a GPU without packing) an SFT step costs in proportion
-to the *padded* tokens it computes, while only the real tokens teach anything. isheep.sft groups
-examples of similar length into optimizer steps (isheep.epoch_steps: sort within windows of 8
-steps, shuffle the steps), then sorts a step by length and cuts it into contiguous
-micro-batches. The baseline is the usual loader: a random order cut into fixed-size
-micro-batches, each padded to its longest example. Both run the same examples, the same number
-of optimizer steps of --batch-size examples, the same loss (summed token CE over the step's
-supervised tokens), backward and AdamW, from the same weights; we report real tokens per second,
-padding, and the fraction of the machine's fp32 matmul peak the loop reaches (6 x params x real
-tokens / time, the usual estimate; LoRA: 4 x params, frozen weights get no weight gradient).
+What is measured and why: isheep.sft_step packs a rank's share of an optimizer step into one row per micro-batch:
+examples back to back, no padding, attention cut at each example, logits only where a token is supervised. Its
+peers run the same examples from the same weights:
+  - shuffled, padded micro-batches: the usual loader (a random order cut into --micro examples, each padded);
+  - the same steps padded: each timed step sorted by length and cut into as many micro-batches as isheep's,
+    every position's logits upcast to fp32 (isheep's loop before packing; its peak memory is the reference);
+  - on a GPU (or with --trl), TRL's SFTTrainer: padding_free=True, SDPA, bf16, PEFT LoRA on the same layers (or
+    full fine-tuning), no gradient checkpointing, --batch-size examples a step.
+Each is timed on --steps optimizer steps drawn at random from an epoch of --n real pairs of the authors' data.
 
-    python bench/sft.py             # SmolLM2-135M, full fine-tuning, fp32, 4 timed steps (~5-8 min on 2 idle cores)
-    python bench/sft.py --n 24 --batch-size 2 --micro 1 --steps 1 --max-len 64 --threads 1   # smoke test
-    python bench/sft.py --device cuda --dtype bf16 --shape 0.5b --tokenizer DIR   # a GPU machine (bf16 autocast)
+The FLOPs counted (the same useful work for every method): c x the parameters used in matmuls x the tokens (c = 6
+for full fine-tuning; 4 for LoRA, whose frozen weights get no weight gradient; 6 x the adapters' own), plus the
+lm_head at the supervised positions alone, plus causal attention (3 x 2 x length^2 x heads x head_dim a layer).
+Over the time, that is the share of the matmul peak measured in the same run (and of the datasheet's, on a known
+GPU). max_loss_diff: the largest gap between the packed and the padded loss of the timed steps, from the same weights.
+
+    python bench/sft.py                      # the demo model, full fine-tuning, fp32, 4 timed steps (~5 min on 2 cores)
+    python bench/sft.py --n 24 --batch-size 4 --micro 2 --steps 1 --max-len 64 --threads 1   # smoke test
+    python bench/sft.py --device cuda --dtype bf16 --shape 7b --lora-rank 16 --tokenizer DIR   # a GPU
 """
 
 import argparse
@@ -32,149 +37,220 @@ sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
 from common import add_model_args, load_bench_model, prepare_machine, prepare_model_machine, print_table, sync  # noqa: E402
 
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}   # dense TFLOP/s
 
 
-def plans(examples, steps, batch_size, micro, seed):
-    """Each method's micro-batches for the same optimizer steps: {method: [[micro-batch, ...], ...]}.
-    `steps` are isheep's (from epoch_steps); the baseline reshuffles the same examples."""
-    order = [i for s in steps for i in s]
-    random.Random(seed).shuffle(order)
-    baseline = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    by_length = [sorted(s, key=lambda i: len(examples[i][0])) for s in steps]   # as isheep.sft does
-    return {
-        "shuffled, padded micro-batches (baseline)":
-            [[s[k:k + micro] for k in range(0, len(s), micro)] for s in baseline],
-        "isheep: epoch_steps, step sorted and cut":
-            [[s[k:k + micro] for k in range(0, len(s), micro)] for s in by_length],
-    }
-
-
-def token_counts(examples, plan):
-    """(real tokens, computed tokens incl. padding) of a plan."""
-    real = sum(len(examples[i][0]) for step in plan for mb in step for i in mb)
-    padded = sum(len(mb) * max(len(examples[i][0]) for i in mb) for step in plan for mb in step)
-    return real, padded
-
-
-def train_step(model, optimizer, params, examples, step, pad_id, autocast):
-    """One optimizer step as isheep.sft makes it: each micro-batch adds its summed token CE
-    divided by the step's supervised-token count; clip to 1.0; AdamW. autocast: bf16 compute
-    on fp32 master weights, as isheep trains on a GPU."""
-    step_tokens = sum(sum(y != -100 for y in examples[i][1]) for mb in step for i in mb)
-    for mb in step:
-        ids, labels, mask = (t.to(model.device) for t in isheep.collate([examples[i] for i in mb], pad_id))
+def padded_step(model, optimizer, examples, micro_batches, autocast):
+    """One optimizer step on right-padded micro-batches, every position's logits in fp32: each adds its summed token
+    CE over the step's supervised tokens; clip to 1.0; AdamW. Returns the step's loss (a device scalar)."""
+    step_tokens = sum(sum(y != -100 for y in examples[i][1]) for mb in micro_batches for i in mb)
+    total = 0.0
+    for mb in micro_batches:
+        width = max(len(examples[i][0]) for i in mb)
+        ids = torch.zeros((len(mb), width), dtype=torch.long)
+        labels = torch.full((len(mb), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(mb), width), dtype=torch.long)
+        for row, i in enumerate(mb):
+            x, y = examples[i]
+            ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids, labels, mask = (t.to(model.device) for t in (ids, labels, mask))
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100, reduction="sum") / step_tokens
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum") / step_tokens
         loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return total
 
+
+def step_flops(model, examples, steps, lora):
+    """The useful FLOPs of these steps (see the docstring)."""
+    from torch import nn
+    c, cfg = (4 if lora else 6), model.config
+    linear = sum(m.weight.numel() for m in model.get_decoder().layers.modules() if isinstance(m, nn.Linear))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    head = model.get_output_embeddings().weight.numel()
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    flops = 0
+    for i in (i for s in steps for i in s):
+        n, supervised = len(examples[i][0]), sum(y != -100 for y in examples[i][1][1:])
+        flops += (c * linear + 6 * adapters) * n + c * head * supervised + 3 * 2 * n * n * width * cfg.num_hidden_layers
+    return flops
+
+
+def run_trl(model, tok, pairs, args, steps):
+    """TRL's SFTTrainer on the timed steps' pairs: (seconds of `steps` optimizer steps, tokens, peak GPU bytes)."""
+    import datasets
+    import trl
+    records = [dict(prompt=[{"role": "user", "content": isheep.user_turn(p["instruction"], p["input"])}],
+                    completion=[{"role": "assistant", "content": p["output"]}]) for p in pairs]
+    peft = None
+    if args.lora_rank:
+        import peft as peft_lib
+        peft = peft_lib.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = trl.SFTConfig(output_dir="/tmp/isheep_trl", max_steps=steps + 1, per_device_train_batch_size=args.batch_size,
+                           padding_free=True, bf16=args.dtype == "bf16", learning_rate=args.lr, lr_scheduler_type="constant",
+                           max_length=None, report_to=[], save_strategy="no", logging_steps=10 ** 6,
+                           use_cpu=args.device == "cpu", dataloader_num_workers=0)
+    model.set_attn_implementation("sdpa")
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
+                             processing_class=tok, peft_config=peft)
+    times, tokens = [], []
+
+    class Clock(__import__("transformers").TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            sync(args.device)
+            times.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            sync(args.device)
+            times.append(time.perf_counter())
+    trainer.add_callback(Clock())
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: (lambda b: tokens.append(int(b["input_ids"].numel())) or b)(collate(rows))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    seconds = sum(times[k + 1] - times[k] for k in range(2, len(times) - 1, 2))   # the first step warms up
+    return seconds, sum(tokens[1:]), torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/isheep_qwen72b_iter3_filtered.json"),
                    help="JSON list (or JSONL) of {instruction, input, output} pairs")
-    p.add_argument("--n", type=int, default=512, help="pairs sampled from --data; isheep.epoch_steps plans an epoch over them")
+    p.add_argument("--n", type=int, default=512, help="pairs sampled from --data: an epoch of them")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (isheep's --batch-size)")
-    p.add_argument("--micro", type=int, default=4, help="examples per micro-batch: batch-size/micro micro-batches per step")
-    p.add_argument("--steps", type=int, default=4, help="K: timed optimizer steps per method, drawn from the epoch, after 1 untimed warm-up step")
+    p.add_argument("--grad-accum", type=int, default=1, help="isheep's --grad-accum: packed rows per step")
+    p.add_argument("--micro", type=int, default=4, help="examples per micro-batch of the shuffled padded baseline")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method, after 1 untimed warm-up step")
     p.add_argument("--max-len", type=int, default=1024, help="tokenize_pair's max_len")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning in fp32 (measures the loop itself); >0: isheep's LoRA")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning (fp32 master weights); >0: isheep's LoRA")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (speed does not depend on it)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the epoch plan and the baseline's shuffle")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer, "
-                                               "as oversubscribed threads make small ops 10x slower")
+    p.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (always on a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the epoch and the baseline's shuffle")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer")
     add_model_args(p)
     args = p.parse_args()
-    if args.batch_size % args.micro:
-        p.error("--batch-size must be a multiple of --micro")
     prepare_machine(args.threads)
     peak = prepare_model_machine(args)
+    gpu = args.device == "cuda"
+    datasheet = next((v for k, v in DATASHEET_BF16.items() if gpu and k in torch.cuda.get_device_name()), None)
 
-    # Data: real pairs, tokenized exactly as isheep.sft does.
-    path = Path(args.data)
+    path = Path(args.data)   # real pairs, tokenized as isheep.sft does
     try:
         pairs = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         pairs = isheep.read_jsonl(path)
-    pairs = random.Random(args.seed).sample(pairs, min(args.n, len(pairs)))
-    margs = SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=args.lora_rank, gen_batch_tokens=8192,
-                            no_progress=True)
-    tok, model = load_bench_model(args, margs, training=True)
-    examples = [e for e in (isheep.tokenize_pair(tok, dict(p, input=p.get("input") or ""), args.max_len)
-                            for p in pairs) if e is not None]
+    pairs = [dict(p, input=p.get("input") or "") for p in random.Random(args.seed).sample(pairs, min(args.n, len(pairs)))]
+    tok, model = load_bench_model(args, SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=args.lora_rank),
+                                  training=True)
+    from transformers import AttentionInterface
+    AttentionInterface.register(isheep.PACKED, isheep.packed_attention)
+    kept = [(p, e) for p, e in ((p, isheep.tokenize_pair(tok, p, args.max_len)) for p in pairs) if e is not None]
+    pairs, examples = [p for p, _ in kept], [e for _, e in kept]
 
-    # The epoch as isheep plans it; time K of its steps drawn at random, warm up on one more.
-    # Drawn, not the first K: epoch_steps sorts lengths within windows of 8 steps, so K
-    # neighbouring steps hold similar lengths and their reshuffle would flatter the baseline.
-    # The baseline reshuffles exactly the timed steps' examples: every method sees the same examples.
-    epoch = isheep.epoch_steps(examples, args.batch_size, random.Random(args.seed))
-    epoch = [s for s in epoch if len(s) == args.batch_size]   # drop the epoch's one short step
+    # The epoch as isheep.sft draws it; K of its full steps timed, one more to warm up. The baseline reshuffles
+    # exactly the timed steps' examples, so every method sees the same ones.
+    order = random.Random(args.seed).sample(range(len(examples)), len(examples))
+    epoch = [order[s:s + args.batch_size] for s in range(0, len(order) - args.batch_size + 1, args.batch_size)]
     k = min(args.steps, len(epoch) - 1)
     if k < 1:
         p.error(f"{len(examples)} examples make {len(epoch)} full steps; need at least 2 (raise --n)")
     *timed, warmup = random.Random(args.seed).sample(epoch, k + 1)
-    timed_plans = plans(examples, timed, args.batch_size, args.micro, args.seed)
-    warmup_plans = plans(examples, [warmup], args.batch_size, args.micro, args.seed)
-    epoch_plans = plans(examples, epoch, args.batch_size, args.micro, args.seed)
-    lengths = sorted(len(e[0]) for e in examples)
-    print(f"{len(examples)} examples, tokens per example: median {lengths[len(lengths) // 2]}, "
-          f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; {len(epoch)} steps per epoch, {k} timed; "
-          f"{args.batch_size} per step in {args.batch_size // args.micro} micro-batches of {args.micro}")
+    shuffled = [i for s in timed for i in s]
+    random.Random(args.seed).shuffle(shuffled)
+    accum = args.grad_accum
 
-    if args.lora_rank:
-        params = isheep.add_lora(model, args.lora_rank, 2 * args.lora_rank)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def cut(step, parts):
+        step = sorted(step, key=lambda i: len(examples[i][0]))
+        return [step[j * len(step) // parts:(j + 1) * len(step) // parts] for j in range(parts)]
+    plans = {"shuffled, padded micro-batches": [[shuffled[s + m:s + m + args.micro] for m in range(0, args.batch_size, args.micro)]
+                                                for s in range(0, len(shuffled), args.batch_size)],
+             "the same steps, padded": [cut(s, accum) for s in timed]}
+    lengths = sorted(len(e[0]) for e in examples)
+    print(f"{len(examples)} examples, tokens per example: median {lengths[len(lengths) // 2]}, mean "
+          f"{sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; {len(epoch)} steps an epoch, {k} timed, "
+          f"{args.batch_size} examples a step")
+
+    lora = bool(args.lora_rank)
+    params = isheep.add_lora(model, args.lora_rank, 2 * args.lora_rank) if lora else \
+        [q for q in model.parameters() if q.requires_grad]
     model.train()
-    autocast = args.dtype == "bf16" and model.dtype == torch.float32
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = (4 if args.lora_rank else 6) * n_params
+    autocast = args.dtype == "bf16"
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if autocast else "no", gradient_accumulation_steps=accum)
     start = {name: t.clone() for name, t in model.state_dict().items()}
+    flops = step_flops(model, examples, timed, lora)
+    tokens = sum(len(examples[i][0]) for s in timed for i in s)
+
+    def fresh():   # every method starts from the same weights and a fresh AdamW (fused on a GPU, as isheep's)
+        model.load_state_dict(start)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=gpu or None)
+
+    # max_loss_diff: each timed step's loss, packed and padded, from the starting weights (lr 0: they stay)
+    diffs = []
+    for step in timed:
+        frozen = torch.optim.SGD(params, lr=0.0)
+        model.set_attn_implementation(isheep.PACKED)
+        packed = isheep.sft_step(model, frozen, examples, step, acc=acc)[0].item()
+        model.set_attn_implementation("sdpa")
+        diffs.append(abs(packed - float(padded_step(model, frozen, examples, cut(step, accum), autocast))))
 
     results = []
-    for method, plan in timed_plans.items():
-        model.load_state_dict(start)   # every method starts from the same weights and a fresh AdamW
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        train_step(model, optimizer, params, examples, warmup_plans[method][0], tok.pad_token_id, autocast)
+    for method in ["shuffled, padded micro-batches", "the same steps, padded", "isheep.sft_step, packed"]:
+        optimizer = fresh()
+        packed = method.startswith("isheep")
+        model.set_attn_implementation(isheep.PACKED if packed else "sdpa")
+        run = (lambda s: isheep.sft_step(model, optimizer, examples, s, acc=acc)) if packed else \
+            (lambda s: padded_step(model, optimizer, examples, s, autocast))
+        run(warmup if packed else cut(warmup, accum))
         sync(args.device)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        for step in plan:
-            train_step(model, optimizer, params, examples, step, tok.pad_token_id, autocast)
+        for step in (timed if packed else plans[method]):
+            run(step)
         sync(args.device)
         seconds = time.perf_counter() - t0
-        real, padded = token_counts(examples, plan)
-        epoch_real, epoch_padded = token_counts(examples, epoch_plans[method])
-        # The K timed steps are a small sample; the epoch projection assumes cost per computed
-        # (padded) token stays what it was in them, and applies it to the whole epoch's padding.
-        results.append(dict(method=method, s=seconds, real=real, padded=padded, tok_s=real / seconds,
-                            pad=1 - real / padded, epoch_pad=1 - epoch_real / epoch_padded,
-                            epoch_tok_s=epoch_real / (epoch_padded * seconds / padded),
-                            peak=flops_per_token * real / seconds / 1e9 / peak))
-        print(f"  {method}: {seconds:.1f} s, {real / seconds:.0f} real tok/s", flush=True)
+        computed = tokens if packed else sum(len(mb) * max(len(examples[i][0]) for i in mb) for s in plans[method] for mb in s)
+        results.append(dict(method=method, s=seconds, computed=computed, memory=torch.cuda.max_memory_allocated() if gpu else 0))
+        print(f"  {method}: {seconds:.1f} s, {tokens / seconds:.0f} real tok/s", flush=True)
+    if gpu or args.trl:
+        model.load_state_dict(start)
+        try:
+            seconds, trl_tokens, memory = run_trl(model if not lora else load_bench_model(
+                args, SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=args.lora_rank), training=True)[1],
+                tok, [pairs[i] for s in [warmup] + timed for i in s], args, k)
+            results.append(dict(method="TRL SFTTrainer, padding_free", s=seconds * tokens / max(trl_tokens, 1),
+                                computed=trl_tokens, memory=memory))
+            print(f"  TRL: {seconds:.1f} s for {trl_tokens} tokens", flush=True)
+        except Exception as e:
+            print(f"note: TRL skipped: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
 
-    base, ours = results
+    base, ours = results[0], results[2]
+    trl = next((r for r in results if r["method"].startswith("TRL")), None)
     print()
-    print_table(["method", "steps", "time_s", "real_tok", "padded_tok", "pad_frac", "real_tok/s", "ratio", "peak_frac",
-                 "pad_frac_epoch", "epoch_tok/s", "epoch_ratio"],
-                [[r["method"], k, f"{r['s']:.1f}", r["real"], r["padded"], f"{r['pad']:.3f}", f"{r['tok_s']:.0f}",
-                  f"{r['tok_s'] / base['tok_s']:.2f}", f"{r['peak']:.3f}", f"{r['epoch_pad']:.3f}",
-                  f"{r['epoch_tok_s']:.0f}", f"{r['epoch_tok_s'] / base['epoch_tok_s']:.2f}"] for r in results])
-    print(f"({'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, {args.dtype}, {n_params / 1e6:.1f}M params; "
-          f"peak_frac = {flops_per_token // n_params} x params x real tokens / time / {peak:.1f} GFLOP/s;\n"
-          f" *_epoch: the same split over the whole epoch of {len(epoch)} steps, time projected from the timed "
-          f"steps' seconds per computed token)")
-    print(f"ratio_vs_padded={ours['tok_s'] / base['tok_s']:.3f} peak_fraction={ours['peak']:.4f} "
-          f"peak_fraction_baseline={base['peak']:.4f} pad_frac_baseline={base['pad']:.3f} pad_frac_ours={ours['pad']:.3f} "
-          f"ratio_vs_padded_epoch={ours['epoch_tok_s'] / base['epoch_tok_s']:.3f} "
-          f"pad_frac_epoch_baseline={base['epoch_pad']:.3f} pad_frac_epoch_ours={ours['epoch_pad']:.3f} "
-          f"tok_s_ours={ours['tok_s']:.1f} tok_s_baseline={base['tok_s']:.1f} peak_gflops={peak:.1f} steps={k} "
-          f"batch_size={args.batch_size} micro={args.micro}")
+    print_table(["method", "steps", "time_s", "real_tok", "computed_tok", "real_tok/s", "ratio", "peak_frac", "datasheet_frac",
+                 "peak_mem_GB"],
+                [[r["method"], k, f"{r['s']:.1f}", tokens, r["computed"], f"{tokens / r['s']:.0f}", f"{base['s'] / r['s']:.2f}",
+                  f"{flops / r['s'] / 1e9 / peak:.3f}", f"{flops / r['s'] / datasheet:.3f}" if datasheet else "-",
+                  f"{r['memory'] / 1e9:.2f}" if gpu else "-"] for r in results])
+    print(f"({'LoRA r=' + str(args.lora_rank) if lora else 'full fine-tuning'}, {args.dtype}; {flops / tokens / 1e9:.2f} GFLOP a "
+          f"token; peak_frac: over the {peak:.1f} GFLOP/s measured here; max_loss_diff: packed vs padded, {k} steps)")
+    summary = dict(ratio_vs_padded=f"{base['s'] / ours['s']:.3f}", ratio_vs_same_steps_padded=f"{results[1]['s'] / ours['s']:.3f}",
+                   peak_fraction=f"{flops / ours['s'] / 1e9 / peak:.4f}", max_loss_diff=f"{max(diffs):.2e}",
+                   tok_s=f"{tokens / ours['s']:.1f}", peak_gflops=f"{peak:.1f}", steps=k, batch_size=args.batch_size)
+    if datasheet:
+        summary["datasheet_fraction"] = f"{flops / ours['s'] / datasheet:.4f}"
+    if gpu:
+        summary.update(peak_mem_gb=f"{ours['memory'] / 1e9:.2f}", peak_mem_gb_padded=f"{results[1]['memory'] / 1e9:.2f}")
+    if trl:
+        summary["ratio_vs_trl"] = f"{trl['s'] / ours['s']:.3f}"
+    print(" ".join(f"{key}={v}" for key, v in summary.items()))
 
 
 if __name__ == "__main__":
