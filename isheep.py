@@ -3,7 +3,7 @@ I-SHEEP: an LLM aligns itself from a base model and a small seed set, round afte
 with no outside data (Liang et al., "I-SHEEP: Self-Alignment of LLM from Scratch through an
 Iterative Self-Enhancement Paradigm", arXiv:2408.08072).
 
-One round t, model M_{t-1} (M_0 = the base model):
+One round t, model M_{t-1} (M_0 = the base model), each step a section below:
   1. self-synthesis of instructions   M_{t-1} continues a few-shot list of seed tasks
   2. heuristic rules + ROUGE-L dedup   drop malformed and near-duplicate instructions
   3. self-synthesis of responses      M_{t-1} answers them zero-shot, in the training format
@@ -19,8 +19,9 @@ Run it:
   accelerate launch --config_file fsdp2.yaml isheep.py \\
       --model Qwen/Qwen1.5-72B --iters 3 --tp               # the 72B recipe (README, "Scaling up")
 
-The file reads top to bottom in pipeline order: prompts, data I/O, rules and ROUGE-L,
-generation, self-synthesis, self-assessment, filtering, SFT, the iteration loop, main().
+The file reads top to bottom in pipeline order: prompts, data I/O, rules and ROUGE-L, self-synthesis,
+self-assessment, filtering, SFT, models, the iteration loop, main(). The generation engine that the steps call
+(generate) is an appendix at the end.
 """
 
 import argparse
@@ -55,15 +56,18 @@ from torch import nn
 # Prompts: they are the method, so they come first.
 
 # Step 1. Raw text, no chat template: the model continues a numbered list of tasks.
-SYNTH_HEADER = """You are asked to come up with a set of diverse task instructions. These instructions will be given to a language model, and we will evaluate how well it completes them.
+SYNTH_HEADER = """You are asked to come up with a set of diverse task instructions. These instructions will be given \
+to a language model, and we will evaluate how well it completes them.
 
 Requirements:
 1. Do not repeat the verb in every instruction, to maximize diversity.
 2. Vary the language: mix questions with imperative sentences.
 3. Vary the type of task: open-ended generation, classification, editing, extraction, reasoning, coding, and more.
-4. A language model must be able to complete the task with text only: do not ask it to see, hear or create images, audio or files, or to act in the world.
+4. A language model must be able to complete the task with text only: do not ask it to see, hear or create images, \
+audio or files, or to act in the world.
 5. Write instructions in English, one or two sentences each.
-6. Some tasks need an input: a specific, realistic example, not a placeholder. Others need none: write "<noinput>" as their input.
+6. Some tasks need an input: a specific, realistic example, not a placeholder. Others need none: write "<noinput>" \
+as their input.
 
 List of tasks:
 """
@@ -71,9 +75,10 @@ SYNTH_TASK = "Task {n}\nInstruction: {instruction}\nInput: {input}\n\n"
 FEW_SHOT = 5        # seed tasks shown per prompt (paper: 5)
 STOP_AT_TASK = 17   # stop once the model starts task 17, as the authors do: ~11 new tasks a prompt
 
-# Step 5. The judge writes "<score>||<explanation>" so the score comes first; we stop after it.
+# Step 5. Two aspects, a prompt each; the judge writes "<score>||<explanation>", so the score comes first.
 QUALITY_PROMPT = """Rate the quality of the response to the instruction below on a scale of 1 to 10.
-A high score means the response is correct, succinct, clear and not redundant. A low score means it is wrong, lengthy, unclear or redundant.
+A high score means the response is correct, succinct, clear and not redundant. A low score means it is wrong, \
+lengthy, unclear or redundant.
 
 Instruction: {instruction}
 Input: {input}
@@ -82,13 +87,15 @@ Response: {output}
 Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
 
 ADHERENCE_PROMPT = """Rate how well the response follows the instruction below on a scale of 1 to 10.
-A high score means the response answers the instruction directly rather than continuing it, follows the format it asks for, and the instruction itself is clear. A low score means it does not.
+A high score means the response answers the instruction directly rather than continuing it, follows the format it \
+asks for, and the instruction itself is clear. A low score means it does not.
 
 Instruction: {instruction}
 Input: {input}
 Response: {output}
 
 Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
+ASPECTS = {"quality": (QUALITY_PROMPT, "quality_score"), "adherence": (ADHERENCE_PROMPT, "following_score")}
 # The judge's reply is started for it, so the score comes first even from a small model that
 # would rather echo the prompt (SmolLM2-135M: 8% of replies parse without it, ~85% with it).
 JUDGE_REPLY_START = "Score (1-10): "
@@ -133,6 +140,7 @@ def writing(path):
         e.filename = e.filename or str(path)
         raise
 
+
 def read_jsonl(path):
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -162,6 +170,15 @@ def append_jsonl(path, rows):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+def broadcast_from_main(acc, fn):
+    """Run fn on the main process only (it reads the files) and hand its result to every rank: all ranks agree."""
+    from accelerate.utils import broadcast_object_list
+    box = [fn() if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
 
 
 def load_seeds(path):
@@ -332,16 +349,10 @@ def rouge_dedup(candidates, references, threshold=0.7):
     return keep
 
 
+
 # -----------------------------------------------------------------------------
-# Generation: continuous batching on static KV caches. Prompts are prefilled in groups of
-# similar length and join the running rows while a token budget allows; a row that ends leaves
-# at once and the next prompts take its place, so the batch stays full until the work runs out.
-# A lane holds its rows' keys and values in tensors made once, each row at its own position; a
-# GPU runs one lane in CUDA graphs, a CPU a lane per group, so a long prompt widens only its own.
-# Each item samples from its own random stream, so its text depends on (seed, item) alone, not
-# on the rows beside it or the number of processes (up to floating-point rounding, which the
-# shape of a batch can change). With N processes, fixed units of prompts are dealt to ranks and
-# the results gathered by index.
+# Self-synthesis: instructions (steps 1-2), then responses (steps 3-4). Answers are written in
+# the one prompt format SFT trains on: the chat template, whose end of turn is read off it.
 
 def user_turn(instruction, input=""):
     return f"{instruction}\n\n{input}" if input else instruction
@@ -362,16 +373,19 @@ def encode_prompt(tok, text, raw=False):
     return tok(text, add_special_tokens=raw or not tok.chat_template).input_ids
 
 
+def prompt_ids(tok, instruction, input="", reply_start=""):
+    """The ids of an instruction (+ input) in the training format, the model's reply started with reply_start."""
+    return encode_prompt(tok, format_prompt(tok, instruction, input) + reply_start)
+
+
 @functools.cache
 def turn_boundary(tok):
-    """(end_of_turn, special): what the chat template writes between an answer and the next
-    user message, read off the template itself rather than a list of model families. The
-    template renders user, assistant (a marker answer), user; the text between the marker and
-    the next user message is tokenized. end_of_turn: its ids up to and including the first
-    special token (ChatML: <|im_end|>; [INST] templates: </s>), what SFT trains after a
-    response; special: every special id in it, the end of this turn and the start of the next
-    (ChatML: <|im_end|>, <|im_start|>). Without a template, or when the template writes no
-    special token there: ([eos], {eos})."""
+    """(end_of_turn, special): what the chat template writes between an answer and the next user message, read off
+    the template itself rather than a list of model families. The template renders user, assistant (a marker
+    answer), user; the text between the marker and the next user message is tokenized. end_of_turn: its ids up to
+    and including the first special token (ChatML: <|im_end|>; [INST] templates: </s>), what SFT trains after a
+    response; special: every special id in it, the end of this turn and the start of the next (ChatML: <|im_end|>,
+    <|im_start|>). Without a template, or when the template writes no special token there: ([eos], {eos})."""
     eos = [tok.eos_token_id]
     if not tok.chat_template:
         return eos, set(eos)
@@ -401,435 +415,9 @@ def stop_token_ids(tok, model):
     return sorted(i for i in ids if i is not None)
 
 
-def batch_token_budget(model, batch_tokens=None, tp=False):
-    """Tokens of KV cache a decode may hold (its slots x columns): batch_tokens if given; else what 70% of a GPU's
-    memory beside the weights holds (allocated up front, so nothing else grows into it), or a quarter of a CPU
-    machine's RAM (whose pages are committed only as rows write them). A token costs 2 (K, V) x layers x kv_heads x
-    head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; Qwen1.5-7B: 0.5 MB; SmolLM2-135M in fp32: 23 kB)."""
-    if batch_tokens:
-        return batch_tokens
-    c = model.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    shards = torch.distributed.get_world_size() if tp else 1
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize / shards
-    if model.device.type == "cuda":
-        weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards
-        free = 0.7 * (torch.cuda.get_device_properties(model.device).total_memory - weights)
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-    return max(2048, int(free / per_token))
-
-
-def generation_units(prompts, max_new_tokens, budget):
-    """Indices of prompts, longest first, cut into units of about 4 full batches (prompt +
-    max_new_tokens summed up to 4 x budget). A unit is decoded as one continuous batch on one
-    rank and saved when it ends. Units depend only on the prompts: resumable and the same for
-    any number of ranks."""
-    units, size = [], 0
-    for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
-        cost = len(prompts[i]) + max_new_tokens
-        if not units or size + cost > 4 * budget:
-            units.append([])
-            size = 0
-        units[-1].append(i)
-        size += cost
-    return units
-
-
-def sample(logits, temperature, top_p, uniforms, cascade=True):
-    """Next tokens from last-position logits: greedy at temperature 0, else nucleus sampling
-    (the smallest set of tokens whose probability reaches top_p; no top-k, as in the paper) by
-    inverse CDF, one uniform draw per row: a row's token depends on its own draw alone.
-    cascade=False sorts the whole vocabulary for every row: the same shapes every step, as a
-    CUDA graph needs."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
-        logits, order = logits.sort(-1, descending=True)
-        return nucleus_draw(torch.softmax(logits.float() / temperature, -1), order, uniforms, top_p)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    token, rows = torch.empty_like(uniforms, dtype=torch.long), torch.arange(len(probs), device=probs.device)
-    # A CPU sorts a 49k vocabulary in 1.5 ms a row; most rows' nucleus is within their top 64 or 1024.
-    for k in [64, 1024, 8192, probs.shape[-1]]:
-        top, order = probs[rows].topk(min(k, probs.shape[-1]))
-        done = (top.sum(-1) >= top_p) | (k >= probs.shape[-1])
-        token[rows[done]] = nucleus_draw(top[done], order[done], uniforms[rows[done]], top_p)
-        rows = rows[~done]
-        if not len(rows):   # always, by the last k: the whole vocabulary covers every nucleus
-            return token
-
-
-def nucleus_draw(probs, order, uniforms, top_p):
-    """Inverse-CDF draw from the nucleus of probabilities sorted in descending order (their token ids: order)."""
-    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0)   # mass before it already >= top_p
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
-    return order.gather(-1, pick).squeeze(-1)
-
-
-@dataclasses.dataclass
-class Row:
-    """One prompt being decoded: its ids, its own random stream (one draw a token), what it has made so far."""
-    item: int
-    prompt: list
-    draws: random.Random
-    limit: int                # max_new_tokens
-    new: list = dataclasses.field(default_factory=list)
-    finished: bool = False    # ended by a stop (eos, the end of a turn, a stop string), not by the limit
-
-    @property
-    def ended(self):
-        return self.finished or len(self.new) == self.limit
-
-
-class SlotCache:
-    """The static KV cache of one decode, which transformers' attention layers write through update() as they would a
-    Cache: per layer, keys and values of slots x columns x kv_heads x head_dim, made on the layer's first write (so they
-    take whatever heads it has: GQA, or a slice of them under --tp). Row r's token at position t sits in column t of
-    slot r, and the row attends columns 0..pos[r] alone. Per slot on the device: pos, its last token, its next draw."""
-
-    def __init__(self, slots, columns, device):
-        self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
-        self.pos, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
-        self.uniform = torch.full((slots,), 0.5, device=device)
-        self.rows = torch.arange(slots, device=device)
-
-    def update(self, keys, values, layer, **kwargs):
-        if layer not in self.kv:   # no step reads a column before writing it: left uninitialised (a CPU commits no page)
-            shape = (self.slots, self.columns, keys.shape[1], keys.shape[-1])
-            self.kv[layer] = keys.new_empty(shape), values.new_empty(shape)
-        k, v = self.kv[layer]
-        if self.prefilling is not None:   # left-padded prompts: each row's keys move to its slot's columns 0..len-1
-            slots, shift = self.prefilling
-            cols = (shift[:, None] + torch.arange(keys.shape[2], device=shift.device)).clamp(max=keys.shape[2] - 1)
-            index = cols[:, None, :, None].expand_as(keys)
-            k[slots, :keys.shape[2]] = keys.gather(2, index).transpose(1, 2)
-            v[slots, :keys.shape[2]] = values.gather(2, index).transpose(1, 2)
-            return keys, values   # the prompts attend their own keys, under the prefill's mask
-        n = len(keys)
-        k[self.rows[:n], self.pos[:n]], v[self.rows[:n], self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
-        return k, v
-
-    def prefill(self, model, prompts, first, pad):
-        """Write the prompts' keys and values into slots first, first+1, ... in one forward (left-padded to the
-        longest); returns each prompt's last-position logits."""
-        width, device = max(map(len, prompts)), self.pos.device
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        shift = torch.tensor([width - len(p) for p in prompts], device=device)
-        col = torch.arange(width, device=device)
-        mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= shift[:, None, None])
-        self.prefilling = slice(first, first + len(prompts)), shift
-        try:
-            logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=(col - shift[:, None]).clamp(min=0),
-                           cache=self, logits_to_keep=1).logits[:, -1]
-        finally:
-            self.prefilling = None
-        self.pos[first:first + len(prompts)] = width - shift
-        return logits
-
-    def move(self, src, dst, columns):
-        """Slots src move to slots dst: their first `columns` columns and their state."""
-        src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
-        for k, v in self.kv.values():
-            k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
-        for t in (self.pos, self.token):
-            t[dst] = t[src]
-
-
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
-           scale: float | None) -> torch.Tensor:
-    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys
-    and values (slots x columns x kv_heads x head_dim): no row reads another row's length. On a GPU, one kernel
-    bounded by `used` (xformers' memory-efficient attention; the heads that share a KV head are packed as one
-    sequence, so each key is read once), which a CUDA graph replays with new lengths; on a CPU, row by row."""
-    n, heads, dim = query.shape
-    slots, columns, kv_heads = keys.shape[:3]
-    group = heads // kv_heads
-    if not query.is_cuda:   # 4-D: SDPA's CPU kernel takes 1 x kv_heads x columns x head_dim views as they are
-        rows = zip(query.reshape(n, 1, kv_heads, group, dim), keys[:n, None], values[:n, None], used.tolist())
-        return torch.cat([F.scaled_dot_product_attention(q, k[:, :u].transpose(1, 2), v[:, :u].transpose(1, 2), scale=scale)
-                          for q, k, v, u in rows]).reshape(n, heads, dim)
-    q = query.reshape(n, kv_heads, group, dim).transpose(1, 2).reshape(1, n * group, kv_heads, dim)
-    starts = torch.arange(0, (n + 1) * columns, columns, dtype=torch.int32, device=query.device)   # slot r's column 0
-    out = torch.ops.aten._efficient_attention_forward(
-        q, keys.view(1, -1, kv_heads, dim), values.view(1, -1, kv_heads, dim), None,
-        torch.arange(0, n * group + 1, group, dtype=torch.int32, device=query.device), starts, group, columns,
-        0.0, 0, False, scale=scale, seqlen_k=used.int())[0]
-    return out.view(n, group, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
-
-
-ATTENTION = "isheep_slots"
-
-
-@contextlib.contextmanager
-def slot_attention(model, cache):
-    """For one decode the model attends with ATTENTION, whatever it was loaded with: a prefill (which passes a mask)
-    through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own attention comes back."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        if attention_mask is not None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        return attend(query[:, :, 0], key, value, cache.pos[:len(query)] + 1, scaling)[:, None], None
-
-    AttentionInterface.register(ATTENTION, attention)   # no mask function: transformers makes no mask for a step
-    own = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(own)
-
-
-def decode_step(model, cache, temperature, top_p, cascade=True):
-    """One step of the cache's first `batch` rows: feed each row's token at its position, write its keys and values
-    there, attend its own columns, sample the next token from the row's draw. The same tensors every time for one
-    batch size: the step a CUDA graph captures."""
-    n = cache.batch
-    logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
-                   use_cache=True).logits[:, -1]
-    cache.token[:n] = sample(logits, temperature, top_p, cache.uniform[:n], cascade)
-    cache.pos[:n] += 1
-    return cache.token[:n].clone()
-
-
-@functools.cache
-def side_stream(device):
-    """The stream every capture warms up and records on, so its lazy state (cuBLAS's workspace)
-    is made once, outside any graph's memory."""
-    return torch.cuda.Stream(device)
-
-
-def capture(fn, state, pool):
-    """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in
-    between; graphs that never run at once share the memory `pool`. A warm-up run first, eager,
-    makes what is made lazily (a capture can't) and refuses host syncs (a capture can't hold
-    them); it changes the tensors in `state`, which are put back. A capture that fails anyway is
-    undone before its error is raised, so the caller can go on eagerly."""
-    saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
-    stream.wait_stream(torch.cuda.current_stream())
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.cuda.stream(stream):
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(mode)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(state, saved):
-            t.copy_(s)
-    torch.cuda.empty_cache()   # what the warm-up cached is kept for its stream alone: give it back
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):   # current again however the capture ends
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            out = fn()
-        finally:
-            try:
-                graph.capture_end()
-            except Exception:   # a broken capture leaves its pool open, and the next empty_cache() would assert
-                for undo in ("_cuda_endAllocateToPool", "_cuda_releasePool"):   # as torch.cuda.use_mem_pool ends
-                    with contextlib.suppress(Exception):
-                        getattr(torch._C, undo)(stream.device_index, pool)
-                raise
-    return graph, out
-
-
-def graph_rows(rows, slots):
-    """The rows a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a multiple of 16 (to 255), then of
-    an eighth of the power of 2 below them (at most 1/8 spare). So a few shapes, each captured once, serve a whole
-    decode; the spare rows write and read one column of a free slot."""
-    step = 1 << max(4, rows.bit_length() - 4)
-    return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
-
-
-SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
-MAX_ROWS = 1024   # rows of a decode at most: each row's sampling takes ~40 bytes a vocabulary entry (6 GB at 1,024 rows
-                  # of Qwen's 152k), and past ~512 a 7B step is bound by its matmuls anyway
-PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
-
-
-def prefill_groups(rows):
-    """Cut length-sorted rows into groups that pad no prompt past 1.25x its length (+8) when left-padded to the
-    group's longest, and that prefill at most PREFILL_TOKENS at once."""
-    groups = []
-    for row in rows:
-        n = len(row.prompt)
-        if not groups or n > 1.25 * len(groups[-1][0].prompt) + 8 or (len(groups[-1]) + 1) * n > PREFILL_TOKENS:
-            groups.append([])
-        groups[-1].append(row)
-    return groups
-
-
-def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
-           on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """Continuous batching of prompts (token id lists) on one SlotCache. Three phases repeat: rows that ended leave
-    their slots (evict); waiting prompts, shortest first, fill the free slots once a quarter of the batch could join
-    (admit, a prefill); the running rows take a window of steps (step). A GPU runs SYNC_EVERY steps between two reads
-    of their tokens, on a few row counts, each captured once as a CUDA graph if `graphs`; a CPU one step at a time.
-    Item i draws its tokens from random.Random(seeds[i]). tp: every rank runs this decode in lockstep (--tp), so they
-    decide together whether to capture. gpu: decode the GPU's way (default: on a GPU). trace, a list, gets each
-    window's (steps, rows fed, the running rows' lengths), for benchmarks. Returns (new tokens, finished) per prompt."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-    device = model.device
-    gpu = device.type == "cuda" if gpu is None else gpu
-    window = SYNC_EVERY if gpu else 1
-    columns = max(map(len, prompts)) + max_new_tokens + window
-    for layer in DynamicCache(config=model.config).layers:   # a row attends every column it has
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(layer, "sliding_window", columns) < columns:
-            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
-                f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends to "
-                f"all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or shorter rows")
-    cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)
-    rows = [Row(i, p, random.Random(s), max_new_tokens) for i, (p, s) in enumerate(zip(prompts, seeds))]
-    waiting, running, captured = sorted(rows, key=lambda r: len(r.prompt)), [], {}
-    state = dict(graphs=graphs, pool=None)
-
-    def take(row, tokens):
-        """The row keeps its tokens up to its end: a stop token, its limit, or the token completing a stop string."""
-        seen = len(row.new)
-        for t in tokens:
-            row.new.append(t)
-            row.finished = t in eos
-            if row.ended:
-                break
-        tail = max(0, seen - 8)
-        if stop_strings and any(s in tok.decode(row.new[tail:]) for s in stop_strings):   # rare: find its token
-            end = next((k for k in range(seen + 1, len(row.new) + 1)
-                        if any(s in tok.decode(row.new[max(0, k - 9):k]) for s in stop_strings)), None)
-            if end is not None:
-                del row.new[end:]
-                row.finished = True
-        if row.ended:
-            on_finish()
-
-    def evict():
-        """Rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full."""
-        kept = [r for r, row in enumerate(running) if not row.ended]
-        holes = [r for r in range(len(kept)) if running[r].ended]
-        movers = [r for r in kept if r >= len(kept)]
-        if movers:
-            cache.move(movers, holes, max(len(running[r].prompt) + len(running[r].new) for r in movers))
-        order = list(range(len(kept)))
-        for h, m in zip(holes, movers):
-            order[h] = m
-        running[:] = [running[r] for r in order]
-
-    def admit():
-        """Waiting prompts fill the free slots, prefilled in groups of similar length; each samples its first token."""
-        fit = min(len(waiting), cache.slots - len(running))
-        if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
-            return
-        for group in prefill_groups(waiting[:fit]):
-            first = len(running)
-            logits = cache.prefill(model, [row.prompt for row in group], first, pad)
-            draws = torch.tensor([row.draws.random() for row in group], device=device)
-            cache.token[first:first + len(group)] = sample(logits, temperature, top_p, draws, cascade=not gpu)
-            for row, t in zip(group, cache.token[first:first + len(group)].tolist()):
-                take(row, [t])
-            running.extend(group)
-        del waiting[:fit]
-
-    def step():
-        """A window of steps for every running row; then their tokens are read, once."""
-        steps = min(window, max(row.limit - len(row.new) for row in running))   # the judge's 10: prefill, 8, 1
-        n = len(running)
-        cache.batch = graph_rows(n, cache.slots) if gpu else n
-        cache.pos[n:cache.batch] = 0
-        if trace is not None:
-            trace.append((steps, cache.batch, [len(row.prompt) + len(row.new) for row in running]))
-        draws = torch.tensor([[row.draws.random() for row in running] + [0.5] * (cache.batch - n) for _ in range(steps)],
-                             device=device)
-        made = []
-        for j in range(steps):
-            cache.uniform[:cache.batch] = draws[j]
-            if state["graphs"] and cache.batch not in captured:
-                try_capture()
-            if state["graphs"]:
-                graph, out = captured[cache.batch]
-                graph.replay()
-                made.append(out.clone())
-            else:
-                made.append(decode_step(model, cache, temperature, top_p, cascade=not gpu))
-        if state["graphs"] and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
-            torch.distributed.all_reduce(torch.ones(1, device=device))
-        for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
-            take(row, tokens)
-
-    def try_capture():
-        """Capture this batch size's step; under --tp every rank keeps its graphs only if every rank captured."""
-        error = None
-        try:
-            state["pool"] = state["pool"] or torch.cuda.graph_pool_handle()   # one pool: the graphs never run at once
-            captured[cache.batch] = capture(lambda: decode_step(model, cache, temperature, top_p, cascade=False),
-                                            [cache.pos, cache.token], state["pool"])
-        except Exception as e:   # a model or attention a graph can't hold
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-        ok = torch.tensor([error is None], device=device)
-        if tp:
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        if not ok.item():
-            print0(f"note: decoding without CUDA graphs ({error or 'a capture failed on another rank'})")
-            state["graphs"] = False
-            captured.clear()
-
-    with slot_attention(model, cache):
-        while True:
-            evict()
-            if not waiting and not running:
-                break
-            admit()
-            if any(not row.ended for row in running):
-                step()
-    return [row.new for row in rows], [row.finished for row in rows]
-
-
-@torch.no_grad()
-def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
-             tp=False, batch_tokens=None, progress=True, desc="generate"):
-    """Yield {index: {"text", "tokens", "finished"}} as units of prompts are decoded.
-
-    prompts are token id lists. Units whose items are all in `done` are skipped (resume). Item i samples from
-    seed_for(seed, i): reproducible, whatever unit, rank or batch it falls in. Every rank makes the same calls to
-    gather_object, so none can hang. tp: the model is sliced across all ranks, which run every unit together.
-    Tokens are counted up to the end: the stop token, or the token that completes a stop string."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    done = done or {}
-    eos = stop_token_ids(tok, model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    budget = batch_token_budget(model, batch_tokens, tp)
-    units = [u for u in generation_units(prompts, max_new_tokens, budget) if not all(i in done for i in u)]
-    world, rank = (1, 0) if tp else (acc.num_processes, acc.process_index)
-    bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item",
-               disable=not acc.is_main_process or not progress, dynamic_ncols=True)
-    t0, n_tokens = time.time(), 0
-    for c in range(0, len(units), world):   # one unit per rank between two gathers
-        out, shown = {}, bar.n
-        for unit in units[c:c + world][rank:rank + 1]:
-            new, finished = decode(model, tok, [prompts[i] for i in unit], [seed_for(seed, i) for i in unit],
-                                   budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   eos=eos, pad=pad, stop_strings=stop_strings, on_finish=bar.update,
-                                   graphs=model.device.type == "cuda", tp=tp)
-            for i, row, end in zip(unit, new, finished):
-                text = tok.decode(row, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                out[i] = dict(text=text if cut < 0 else text[:cut], tokens=len(row), finished=end)
-        if world > 1:
-            out = {i: r for part in gather_object([out]) for i, r in part.items()}
-        n_tokens += sum(r["tokens"] for r in out.values())
-        bar.update(shown + len(out) - bar.n)   # the other ranks' items too
-        bar.set_postfix_str(f"{n_tokens / (time.time() - t0):.1f} tok/s")
-        yield out
-    bar.close()
-
-
 def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
-    """generate() with resume: finished items are appended to `path` as they come (as item
-    first + i) and read back on restart. Returns one completion per prompt, in prompt order."""
+    """generate() (the appendix) with resume: finished items are appended to `path` as they come (as item first +
+    i) and read back on restart. Returns one completion per prompt, in prompt order."""
     saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
     if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
         write_jsonl(path, saved)
@@ -841,36 +429,6 @@ def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
             append_jsonl(path, [done[i] for i in chunk])
     return [done[i] for i in range(len(prompts))]
 
-
-def broadcast_from_main(acc, fn):
-    """Run fn on the main process only and hand its result to every rank: all ranks agree."""
-    from accelerate.utils import broadcast_object_list
-    box = [fn() if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        broadcast_object_list(box)
-    return box[0]
-
-
-# Tracking (--report-to): accelerate's trackers, written by the main process alone, so no rank
-# ever waits on them. A resumed run redoes the stage or the SFT it was in; out/tracking/logged.json
-# keeps the key of everything the trackers got, so nothing reaches them twice.
-LOGGED = {"path": None, "keys": set()}
-
-
-def track(acc, key, values, step, table=None):
-    """Send values at step, once per key; and a table (name, columns, rows) to trackers that take one (wandb)."""
-    if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
-        return
-    acc.log(values, step=step)
-    for tracker in acc.trackers:
-        if table and hasattr(tracker, "log_table"):
-            tracker.log_table(*table, step=step)
-    LOGGED["keys"].add(key)
-    write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
-
-
-# -----------------------------------------------------------------------------
-# Self-synthesis: instructions (steps 1-2), then responses (steps 3-4).
 
 def synthesis_prompt(examples):
     text = SYNTH_HEADER + "".join(SYNTH_TASK.format(n=n, instruction=e["instruction"], input=e["input"] or "<noinput>")
@@ -931,14 +489,15 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
             f"({stats['parsed']} parsed, {stats['rules']} passed the rules). Check that --model is a language model "
             f"that can continue a list, or raise --max-attempts / --synth-max-new-tokens.")
     if len(kept) < target:
-        print0(f"round {rnd}: only {len(kept)} of {target} instructions after {cap} prompts (--max-attempts); going on with those")
+        print0(f"round {rnd}: only {len(kept)} of {target} instructions after {cap} prompts (--max-attempts); "
+               f"going on with those")
     return kept[:target], stats
 
 
 def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
     """Answer every task zero-shot in the training format; return the pairs that pass the
     response rules, with the counts of the funnel."""
-    prompts = [encode_prompt(tok, format_prompt(tok, t["instruction"], t["input"])) for t in tasks]
+    prompts = [prompt_ids(tok, t["instruction"], t["input"]) for t in tasks]
     fits = [i for i, p in enumerate(prompts) if len(p) < args.max_len]
     done = generate_stage(path, model, tok, [prompts[i] for i in fits], acc=acc, args=args,
                           desc=f"round {rnd} responses", max_new_tokens=args.max_new_tokens,
@@ -970,19 +529,16 @@ def parse_score(reply):
 
 
 def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
-    """Score every pair on each aspect ("quality", "adherence") with greedy decoding: a score is
-    a measurement, sampling would only add noise. Returns the pairs with
-    quality_score / following_score (None where the reply had no score)."""
-    prompts = []
-    for aspect in aspects:
-        template = QUALITY_PROMPT if aspect == "quality" else ADHERENCE_PROMPT
-        prompts += [encode_prompt(tok, format_prompt(tok, template.format(**p)) + JUDGE_REPLY_START) for p in pairs]
+    """Score every pair on each of its aspects (ASPECTS) with greedy decoding: a score is a measurement, sampling
+    would only add noise. Returns the pairs with the aspects' score keys (None where the reply had no score)."""
+    prompts = [prompt_ids(tok, ASPECTS[a][0].format(**p), reply_start=JUDGE_REPLY_START)
+               for a in aspects for p in pairs]
     replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
                              max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
                              stop_strings=["||"], seed=(args.seed, rnd, "judge"))
     scored = [dict(p) for p in pairs]
     for a, aspect in enumerate(aspects):
-        key = "quality_score" if aspect == "quality" else "following_score"
+        key = ASPECTS[aspect][1]
         for p, r in zip(scored, replies[a * len(pairs):]):
             p[key], p[key.replace("score", "reply")] = parse_score(r["text"]), r["text"]
     return scored
@@ -992,14 +548,16 @@ def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
 # Filtering (step 6), the paper's Figure 2 semantics:
 #   C = -1  no rules, no judge   C = 0  rules, no judge   C >= 1  rules, then score(s) > C
 
-ASSESS_KEYS = dict(both=("quality_score", "following_score"), quality=("quality_score",),
-                   adherence=("following_score",))
+def score_keys(assess):
+    """The scores that must pass C: both aspects', or one."""
+    return [key for aspect, (_, key) in ASPECTS.items() if assess in ("both", aspect)]
 
 
-def training_record(pair, fields):
+def training_record(pair):
     """A kept pair as train.jsonl holds it: Alpaca fields and scores (LLaMA-Factory reads them), and
     the conversation in TRL's prompt-completion form (SFTTrainer reads it, and by default trains
     on the completion alone, as I-SHEEP does)."""
+    fields = ["instruction", "input", "output"] + score_keys("both")
     return dict({k: pair[k] for k in fields if k in pair},
                 prompt=[{"role": "user", "content": user_turn(pair["instruction"], pair["input"])}],
                 completion=[{"role": "assistant", "content": pair["output"]}])
@@ -1008,12 +566,13 @@ def training_record(pair, fields):
 def filter_by_threshold(pairs, threshold, assess):
     if threshold < 1:
         return list(pairs)
-    keys = ASSESS_KEYS[assess]
+    keys = score_keys(assess)
     return [p for p in pairs if all(p.get(k) is not None and p[k] > threshold for k in keys)]
 
 
 # -----------------------------------------------------------------------------
 # SFT (step 7): a plain PyTorch loop driven by accelerate, loss on the response and its end of turn only.
+# Each micro-batch is one packed row: examples back to back, no padding, attention cut at each of them.
 
 def tokenize_pair(tok, pair, max_len):
     """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too
@@ -1022,7 +581,7 @@ def tokenize_pair(tok, pair, max_len):
     a turn the way chat tools expect. Prompt and response are tokenized apart and their ids
     concatenated, so the mask boundary is exact; a response that runs past max_len is truncated
     (and loses its end of turn)."""
-    prompt = encode_prompt(tok, format_prompt(tok, pair["instruction"], pair["input"]))
+    prompt = prompt_ids(tok, pair["instruction"], pair["input"])
     response = tok(pair["output"], add_special_tokens=False).input_ids + turn_boundary(tok)[0]
     if len(prompt) >= max_len:
         return None
@@ -1031,13 +590,13 @@ def tokenize_pair(tok, pair, max_len):
 
 
 def pack(examples):
-    """Examples (ids, labels) back to back in one row, with no padding: (ids, their positions, restarting at each
-    example, the next-token targets, -100 where none is supervised or the example ends, and cu_seqlens, where each
-    example starts). Nothing crosses from one example to the next: attention is cut at cu_seqlens (packed_attention)."""
+    """Examples (ids, labels) back to back in one row: (ids, their positions, which restart at each example, the
+    next-token targets, -100 where none is supervised and at each example's end, and cu_seqlens, where each example
+    starts). Nothing crosses from one example into the next: packed_attention cuts at cu_seqlens."""
     ids = torch.tensor([t for x, _ in examples for t in x])
     positions = torch.cat([torch.arange(len(x)) for x, _ in examples])
     targets = torch.tensor([t for _, y in examples for t in y[1:] + [-100]])
-    cu_seqlens = torch.tensor([0] + list(itertools.accumulate(len(x) for x, _ in examples)), dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(len(x) for x, _ in examples)], dtype=torch.int32)
     return ids, positions, targets, cu_seqlens
 
 
@@ -1046,16 +605,15 @@ PACKED = "isheep_packed"
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
                      **kwargs):
-    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q.
-    On a GPU (bf16, Ampere or newer) one call of torch's own FlashAttention, varlen, differentiable; elsewhere
-    example by example. transformers passes these arguments from the model's call down to every layer."""
+    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q,
+    which transformers hands down from the model's call. On a GPU (bf16, Ampere or newer): one call of torch's own
+    FlashAttention, varlen, differentiable. Elsewhere: example by example."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(q.device) >= (8, 0):
-        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
-                                                      0.0, True, False, scale=scaling)[0]
+    if q.is_cuda and q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        cu, n = cu_seq_lens_q, max_length_q
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scaling)[0]
         return out[None], None
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # GQA: a KV head per query head
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))   # GQA: a KV head per query head
     bounds = cu_seq_lens_q.tolist()
     out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
                                           scale=scaling)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
@@ -1091,25 +649,24 @@ def add_lora(model, rank, alpha):
 
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
-    """One optimizer step on the examples `step` (indices), every rank together: this rank's share (of the step
-    sorted by length, dealt in turn, so shares are alike) cut into the accelerator's gradient_accumulation_steps
-    micro-batches, each packed into one row. A micro-batch adds its summed token cross-entropy, at the supervised
-    positions alone, / the whole step's supervised tokens, so the loss depends on neither the ranks nor the cut.
-    Every rank knows every step, so that count needs no communication, and nothing here waits on the GPU.
-    Returns (this rank's part of the step's loss, a device scalar; the gradient norm; its tokens)."""
+    """One optimizer step on the examples `step` (indices), every rank together. This rank's share (the step sorted
+    by length, dealt in turn) is cut into the accelerator's gradient_accumulation_steps micro-batches, each packed
+    into one row; each adds its summed token cross-entropy, at the supervised positions alone, / the whole step's
+    supervised tokens, so the loss depends on neither the ranks nor the cut. Every rank knows every step: that count
+    needs no communication, and nothing here waits on the GPU. Returns (this rank's part of the step's loss, a
+    device scalar; the gradient norm; this rank's tokens)."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
     loss, tokens = torch.zeros((), device=acc.device), 0
     for k in range(accum):
         batch = share[k * len(share) // accum:(k + 1) * len(share) // accum]
-        ids, positions, targets, cu_seqlens = pack([examples[i] for i in batch or step[:1]])   # an empty share
-        keep = (targets != -100).nonzero().squeeze(1)                                          # still joins in
-        longest = max(len(examples[i][0]) for i in batch or step[:1])
+        ids, positions, targets, cu_seqlens = pack([examples[i] for i in batch or step[:1]])   # an empty share still
+        keep = (targets != -100).nonzero().squeeze(1)                                          # joins the collectives
         with acc.accumulate(model), acc.autocast():
             logits = model(input_ids=ids[None].to(acc.device), position_ids=positions[None].to(acc.device),
                            logits_to_keep=keep.to(acc.device), cu_seq_lens_q=cu_seqlens.to(acc.device),
-                           max_length_q=longest).logits[0]
+                           max_length_q=int(positions.max()) + 1).logits[0]
             part = F.cross_entropy(logits.float(), targets[keep].to(acc.device), reduction="sum") / step_tokens
             acc.backward(part * bool(batch) * world * accum)   # undoes accelerate's / accum and DDP's mean
             if acc.sync_gradients:
@@ -1141,8 +698,7 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    total = args.epochs * math.ceil(len(examples) / args.batch_size)
     warmup = min(args.warmup_steps, total)
 
     def lr_lambda(step):   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
@@ -1182,14 +738,13 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
 
 
 def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
-    """Write the full model as from_pretrained reads it, every LoRA pair folded into its base weight (in fp32):
-    safetensors shards planned as save_pretrained plans them, then gathered (under FSDP every rank takes part),
-    merged and written one shard at a time, so the main process holds one shard beside its own copy of the model, if
-    it has one; then the index, config, generation config and tokenizer. All of it goes to save_dir.tmp first and
-    is renamed only once complete."""
+    """Write the full model as from_pretrained reads it, each LoRA pair folded into its base weight (in fp32):
+    safetensors shards planned as save_pretrained plans them, each gathered (under FSDP every rank takes part),
+    merged and written in turn, so the main process holds one shard beside its own copy of the model, if it has
+    one; then the index, config, generation config and tokenizer. All of it goes to save_dir.tmp, renamed once
+    complete."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
     from tqdm.auto import tqdm
     model = acc.unwrap_model(model)
     state, names, seen = model.state_dict(keep_vars=True), {}, set()
@@ -1198,30 +753,27 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
             seen.add(id(t))
             lora = key.endswith((".base.weight", ".base.bias")) and key.rsplit(".base.", 1)[0] + ".lora_A" in state
             names[key.replace(".base.", ".") if lora else key] = key
-    plan = split_torch_state_dict_into_shards({k: torch.empty(state[v].shape, dtype=state[v].dtype, device="meta")
-                                               for k, v in names.items()}, max_shard_size=shard_size,
-                                              filename_pattern="model{suffix}.safetensors")
+    meta = {k: torch.empty(state[v].shape, dtype=state[v].dtype, device="meta") for k, v in names.items()}
+    plan = split_torch_state_dict_into_shards(meta, max_shard_size=shard_size)   # model-0000i-of-0000n.safetensors
 
-    def full(key):   # a whole tensor on the main process (gathered from every rank's shard under FSDP); None elsewhere
-        t = state[key].full_tensor() if isinstance(state[key], DTensor) else state[key]
+    def full(key):   # the whole tensor on the main process (gathered from every rank's shard under FSDP); else None
+        t = state[key].full_tensor() if hasattr(state[key], "full_tensor") else state[key]   # a DTensor
         return t.detach().cpu() if acc.is_main_process else None
 
     tmp = Path(f"{save_dir}.tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    shards = tqdm(plan.filename_to_tensors.items(), desc=f"saving {save_dir.name} to {save_dir.parent}", unit="shard",
-                  disable=not acc.is_main_process or not progress)
     with writing(tmp):
-        for filename, keys in shards:
+        for filename, keys in tqdm(plan.filename_to_tensors.items(), desc=f"saving {save_dir}", unit="shard",
+                                   disable=not acc.is_main_process or not progress):
             shard = {}
             for key in keys:
-                weight = full(names[key])
+                shard[key] = full(names[key])
                 if names[key].endswith(".base.weight"):   # every rank gathers the pair; the main one folds it in
-                    a, b = full(names[key][:-len("base.weight")] + "lora_A"), full(names[key][:-len("base.weight")] + "lora_B")
+                    a, b = (full(names[key][:-len("base.weight")] + f"lora_{x}") for x in "AB")
                     if acc.is_main_process:
-                        weight = (weight.float() + lora_scale * b.float() @ a.float()).to(weight.dtype)
-                shard[key] = weight
+                        shard[key] = (shard[key].float() + lora_scale * b.float() @ a.float()).to(shard[key].dtype)
             if acc.is_main_process:
                 try:
                     save_file({k: v.contiguous() for k, v in shard.items()}, tmp / filename, metadata={"format": "pt"})
@@ -1232,10 +784,10 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
                     raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
         if acc.is_main_process:
             if plan.is_sharded:
-                index = dict(metadata=dict(plan.metadata, total_parameters=sum(state[v].numel() for v in names.values())),
-                             weight_map=plan.tensor_to_filename)
+                total = sum(state[v].numel() for v in names.values())
+                index = dict(metadata=dict(plan.metadata, total_parameters=total), weight_map=plan.tensor_to_filename)
                 write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
-            model.config.use_cache, model.config.dtype = True, str(state[next(iter(names.values()))].dtype).split(".")[1]
+            model.config.use_cache, model.config.dtype = True, str(next(iter(meta.values())).dtype).split(".")[1]
             model.config.architectures = [type(model).__name__.removeprefix("FSDP")]   # FSDP2 renames the class
             model.config.save_pretrained(tmp)
             model.generation_config.eos_token_id = stop_token_ids(tok, model)   # generate() stops at the end of a turn
@@ -1310,8 +862,10 @@ def load_model(ref, args, acc, *, training=False):
     if training:   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
         AttentionInterface.register(PACKED, packed_attention)
         kw.update(attn_implementation=PACKED, dtype=args.dtype if args.lora_rank else torch.float32)
+    elif args.tp:
+        kw.update(distributed_config=DistributedConfig(tp_plan="auto"))
     else:
-        kw.update(distributed_config=DistributedConfig(tp_plan="auto")) if args.tp else kw.update(device_map={"": acc.device})
+        kw.update(device_map={"": acc.device})
     plugin = getattr(acc.state, "fsdp_plugin", None)
     if training and plugin is not None and plugin.cpu_ram_efficient_loading:
         # Only rank 0 reads the weights; prepare() broadcasts them into each rank's shards
@@ -1344,16 +898,36 @@ def free_memory(acc, *objs):
         torch.cuda.empty_cache()
 
 
+
 # -----------------------------------------------------------------------------
 # The iteration loop. Each round lives in out/round_<t>/; every stage's result is a file, so a
 # rerun of the same command skips what is complete and resumes what is partial.
+
+# Tracking (--report-to): accelerate's trackers, written by the main process alone, so no rank
+# ever waits on them. A resumed run redoes the stage or the SFT it was in; out/tracking/logged.json
+# keeps the key of everything the trackers got, so nothing reaches them twice.
+LOGGED = {"path": None, "keys": set()}
+
+
+def track(acc, key, values, step, table=None):
+    """Send values at step, once per key; and a table (name, columns, rows) to trackers that take one (wandb)."""
+    if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
+        return
+    acc.log(values, step=step)
+    for tracker in acc.trackers:
+        if table and hasattr(tracker, "log_table"):
+            tracker.log_table(*table, step=step)
+    LOGGED["keys"].add(key)
+    write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
+
 
 def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     """One round of I-SHEEP: model M_{rnd-1} -> data -> model M_rnd. Returns the round's metrics."""
     out = Path(args.out)
     rdir = out / f"round_{rnd}"
     stats_path = rdir / "stats.json"
-    stats = broadcast_from_main(acc, lambda: json.loads(stats_path.read_text()) if stats_path.exists() else {"round": rnd})
+    stats = broadcast_from_main(acc, lambda: json.loads(stats_path.read_text()) if stats_path.exists() else
+                                {"round": rnd})
     if (rdir / "model").exists():
         return stats
     if acc.is_main_process:
@@ -1393,31 +967,30 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     references = [s["instruction"] for s in seeds]
     tasks = stage("instructions", lambda p: synthesize_instructions(model_for(current), tok, pool, references, p,
                                                                   acc=acc, args=args, rnd=rnd))
-    pairs = stage("responses", lambda p: synthesize_responses(model_for(current), tok, tasks, p, acc=acc, args=args, rnd=rnd))
-    judge = base_ref if args.judge == "base" else current
-    aspects = ["quality", "adherence"] if args.assess == "both" else [args.assess]
+    pairs = stage("responses", lambda p: synthesize_responses(model_for(current), tok, tasks, p, acc=acc, args=args,
+                                                             rnd=rnd))
+    judge, keys = base_ref if args.judge == "base" else current, score_keys(args.assess)
 
     def assess(path):
         if args.threshold < 1 or not pairs:   # C = -1 or 0: the judge is never called
             return pairs, {}
+        aspects = [a for a in ASPECTS if args.assess in ("both", a)]
         scored = self_assess(model_for(judge), tok, pairs, path, acc=acc, args=args, rnd=rnd, aspects=aspects)
-        keys = ASSESS_KEYS[args.assess]
         return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
                             scored=sum(all(p[k] is not None for k in keys) for p in scored))
 
     scored = stage("scored", assess)
     gen.clear()
     free_memory(acc)
-    alpaca = ("instruction", "input", "output", "quality_score", "following_score")
-    kept = stage("train", lambda p: ([training_record(r, alpaca)
-                                      for r in filter_by_threshold(scored, args.threshold, args.assess)], {}))
+    passed = filter_by_threshold(scored, args.threshold, args.assess)
+    kept = stage("train", lambda p: ([training_record(r) for r in passed], {}))
     stats.update(kept=len(kept), **score_summary(scored))
     if not kept:
         die(empty_round_message(rnd, stats, args))
+    data = kept
     if args.train_data == "cumulative":
-        data = broadcast_from_main(acc, lambda: [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")]) + kept
-    else:
-        data = kept
+        earlier = [out / f"round_{t}" / "train.jsonl" for t in range(1, rnd)]
+        data = broadcast_from_main(acc, lambda: [r for path in earlier for r in read_jsonl(path)]) + kept
     NOW["where"], t0 = f"round {rnd}, stage sft", time.time()
     train_from = base_ref if args.train_from == "base" else current
     first_step = sum(json.loads((out / f"round_{t}" / "stats.json").read_text())["steps"] for t in range(1, rnd))
@@ -1460,8 +1033,8 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
         rdir.mkdir(parents=True, exist_ok=True)
     NOW["where"], t0 = f"round {rnd}, stage eval", time.time()
     model = load_model(ref, args, acc)
-    prompts = [encode_prompt(tok, format_prompt(tok, s["instruction"], s["input"])) for s in heldout]
-    answers = generate_stage(rdir / "eval_answers.raw.jsonl", model, tok, prompts, acc=acc, args=args,
+    answers = generate_stage(rdir / "eval_answers.raw.jsonl", model, tok,
+                             [prompt_ids(tok, s["instruction"], s["input"]) for s in heldout], acc=acc, args=args,
                              desc=f"round {rnd} eval", max_new_tokens=args.max_new_tokens, temperature=0, top_p=1.0,
                              seed=(args.seed, rnd, "eval"))
     nll = heldout_nll(model, tok, heldout, args.max_len)
@@ -1471,27 +1044,30 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
         model = load_model(base_ref, args, acc)
     pairs = [dict(s, output=a["text"].strip()) for s, a in zip(heldout, answers)]
     scored = self_assess(model, tok, pairs, rdir / "eval_scores.raw.jsonl", acc=acc, args=args, rnd=rnd,
-                         aspects=["quality", "adherence"], desc=f"round {rnd} eval judge")
+                         aspects=list(ASPECTS), desc=f"round {rnd} eval judge")
     del model
     free_memory(acc)
     result = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1))
-    for key, name in [("quality_score", "eval_quality"), ("following_score", "eval_adherence")]:
-        vals = [p[key] for p in scored if p[key] is not None]
-        result[name] = round(sum(vals) / len(vals), 2) if vals else None
-        result[name + "_parsed"] = round(len(vals) / len(scored), 2)
+    for aspect, (_, key) in ASPECTS.items():
+        values = scores(scored, key)
+        result[f"eval_{aspect}"] = round(sum(values) / len(values), 2) if values else None
+        result[f"eval_{aspect}_parsed"] = round(len(values) / len(scored), 2)
     if acc.is_main_process:
         write_atomic(path, json.dumps(result, indent=1))
     return result
 
 
+def scores(scored, key):
+    return [p[key] for p in scored if p.get(key) is not None]
+
+
 def score_summary(scored):
     """Mean scores and the share of pairs scoring above 8 (the paper's Figure 4)."""
     out = {}
-    for key in ("quality_score", "following_score"):
-        vals = [p[key] for p in scored if p.get(key) is not None]
-        if vals:
-            out[f"mean_{key}"] = round(sum(vals) / len(vals), 2)
-            out[f"share_{key}_above_8"] = round(sum(v > 8 for v in vals) / len(vals), 3)
+    for key in score_keys("both"):
+        if values := scores(scored, key):
+            out[f"mean_{key}"] = round(sum(values) / len(values), 2)
+            out[f"share_{key}_above_8"] = round(sum(v > 8 for v in values) / len(values), 3)
     return out
 
 
@@ -1502,14 +1078,17 @@ def empty_round_message(rnd, stats, args):
     elif args.threshold >= 1 and stats.get("scored", 0) == 0:
         cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
     else:
-        cause = f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess quality|adherence)"
+        cause = (f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess "
+                 f"quality|adherence)")
     return (f"round {rnd}: nothing left to train on: {cause}, with a new --out or --overwrite. Funnel: {funnel}. "
             f"The round's files are in {args.out}/round_{rnd}.")
 
 
 FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
-TABLE = FUNNEL + ["mean_quality_score", "mean_following_score", "share_quality_score_above_8", "last_loss",
-                  "eval_quality", "eval_adherence", "eval_nll"]
+# The final table's columns, and their short names
+TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",
+             mean_following_score="adherence", share_quality_score_above_8="q>8", last_loss="loss",
+             eval_quality="ev_qual", eval_adherence="ev_adh", eval_nll="eval_nll")
 
 
 def round_scalars(stats):
@@ -1518,19 +1097,17 @@ def round_scalars(stats):
     values = {f"funnel/{k}": stats[k] for k in FUNNEL if k in stats}
     if stats.get("answered"):
         values["funnel/kept_share"] = stats["kept"] / stats["answered"]
-    values.update({f"scores/{k}": v for k, v in stats.items() if k.startswith(("mean_", "share_")) or k == "unparsable"})
+    values.update({f"scores/{k}": v for k, v in stats.items() if k.startswith(("mean_", "share_", "unparsable"))})
     values.update({f"eval/{k[5:]}": v for k, v in stats.items() if k.startswith("eval_") and v is not None})
     values.update({f"minutes/{k[5:]}": v / 60 for k, v in stats.items() if k.startswith("time_")})
     return values
 
 
 def print_table(rows):
-    short = dict(mean_quality_score="quality", mean_following_score="adherence", share_quality_score_above_8="q>8",
-                 last_loss="loss", response_rules="resp_rules", eval_quality="ev_qual", eval_adherence="ev_adh")
-    cols = ["round"] + [c for c in TABLE if any(c in r for r in rows)] + ["minutes"]
-    cells = [[str(r.get(c, "")) for c in cols[:-1]] + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"]
-             for r in rows]
-    names = [short.get(c, c) for c in cols]
+    cols = [c for c in TABLE if any(c in r for r in rows)]
+    cells = [[str(r["round"])] + [str(r.get(c, "")) for c in cols]
+             + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"] for r in rows]
+    names = ["round"] + [TABLE[c] for c in cols] + ["minutes"]
     widths = [max(len(x) for x in col) for col in zip(names, *cells)]
     for line in [names] + cells:
         print0("  ".join(x.rjust(w) for x, w in zip(line, widths)))
@@ -1540,50 +1117,67 @@ def print_table(rows):
 # main()
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="I-SHEEP: iterative self-alignment of an LLM from a base model and a seed set.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="I-SHEEP: iterative self-alignment of an LLM from a base model and a seed "
+                                "set.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Model and data")
     g.add_argument("--model", help="base model M_0, a hub id or folder (paper: Qwen-1.5 1.8B to 72B). "
                                    "Omit it for the CPU demo on the bundled SmolLM2-135M-Instruct")
-    g.add_argument("--seeds", default=str(Path(__file__).with_name("seeds.jsonl")),
-                   help="seed tasks, JSONL of {instruction,input,output} or self-instruct's format (paper: the 175 self-instruct seeds)")
+    g.add_argument("--seeds", default=str(Path(__file__).with_name("seeds.jsonl")), help="seed tasks, JSONL of "
+                   "{instruction,input,output} or self-instruct's format (paper: the 175 self-instruct seeds)")
     g.add_argument("--out", default="isheep_out", help="output folder, one round_<t>/ per round; rerun to resume")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run's results in --out and start over")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code (off: it runs code from the hub)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model's own Python code (off: it runs code from the hub)")
     g = p.add_argument_group("The method")
     g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
-    g.add_argument("--num-instructions", type=int, default=10000, help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
-    g.add_argument("--max-attempts", type=int, help="prompts tried per round before giving up (default: num-instructions/2)")
-    g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
-    g.add_argument("--assess", choices=["both", "quality", "adherence"], default="both", help="scores that must pass C (paper: both)")
-    g.add_argument("--judge", choices=["base", "current"], default="base",
-                   help="who scores: the base model, as in the authors' code, or the current model, as the paper's text reads")
-    g.add_argument("--train-from", choices=["base", "previous"], default="base", help="SFT starts from M_0 (paper's best) or M_{t-1}")
-    g.add_argument("--train-data", choices=["latest", "cumulative"], default="latest", help="this round's data (paper's best) or all rounds'")
-    g.add_argument("--eval-size", type=int, help="seed tasks held out for evaluation, never shown as few-shot (default: 10%%, at least 8; 0 = off)")
+    g.add_argument("--num-instructions", type=int, default=10000,
+                   help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
+    g.add_argument("--max-attempts", type=int,
+                   help="prompts tried per round before giving up (default: num-instructions/2)")
+    g.add_argument("--threshold", type=float, default=8,
+                   help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
+    g.add_argument("--assess", choices=["both", *ASPECTS], default="both", help="scores that must pass C (paper: both)")
+    g.add_argument("--judge", choices=["base", "current"], default="base", help="who scores: the base model, as in "
+                   "the authors' code, or the current model, as the paper's text reads")
+    g.add_argument("--train-from", choices=["base", "previous"], default="base",
+                   help="SFT starts from M_0 (paper's best) or M_{t-1}")
+    g.add_argument("--train-data", choices=["latest", "cumulative"], default="latest",
+                   help="this round's data (paper's best) or all rounds'")
+    g.add_argument("--eval-size", type=int, help="seed tasks held out for evaluation, never shown as few-shot "
+                                                 "(default: 10%%, at least 8; 0 = off)")
     g = p.add_argument_group("Generation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (paper: 1.0)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off responses are dropped")
+    g.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="response length cap; cut-off responses are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
-    g.add_argument("--gen-batch-tokens", type=int, help="KV-cache token budget of a generation batch: each row's prompt + new tokens "
-                                                        "(default: 32768 on CPU; on a GPU, what 70%% of the memory beside the weights holds as KV cache)")
-    g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers tp_plan='auto'), for models that don't fit one GPU")
+    g.add_argument("--gen-batch-tokens", type=int, help="KV-cache tokens a decode holds, its rows x (longest prompt + "
+                   "new tokens) (default: on a GPU, what 70%% of the memory beside the weights holds; a quarter of the "
+                   "RAM on a CPU)")
+    g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers "
+                                                     "tp_plan='auto'), for models that don't fit one GPU")
     g = p.add_argument_group("SFT")
-    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after training; 0 = full fine-tuning (paper: LoRA)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after "
+                                                             "training; 0 = full fine-tuning (paper: LoRA)")
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (update = alpha/rank * BA)")
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
-    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes together (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per step: more saves memory, same result")
-    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps before the cosine decay (paper: 20)")
-    g.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens; longer prompts are skipped and counted")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step, all processes together (paper: 16)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="packed rows per process per step: more saves memory, same result")
+    g.add_argument("--warmup-steps", type=int, default=20,
+                   help="linear warmup steps before the cosine decay (paper: 20)")
+    g.add_argument("--max-len", type=int, default=2048,
+                   help="longest prompt + response in tokens; longer prompts are skipped and counted")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
     g = p.add_argument_group("Runtime")
-    g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an uninterrupted one")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of every random choice; a resumed run repeats an uninterrupted one")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank waits in a collective (e.g. for rank "
-                                                                     "0 to load or write a model) before the run is ended")
+    g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank may wait in a collective (for "
+                   "rank 0 to load or write a model) before the run ends")
     g.add_argument("--report-to", nargs="+", default=[], metavar="TRACKER", choices=TRACKERS,
                    help=f"log to accelerate's trackers: {', '.join(TRACKERS)} (files under --out/tracking/)")
     g.add_argument("--run-name", help="the trackers' name for this run (default: the folder name of --out)")
@@ -1597,8 +1191,10 @@ def parse_args(argv=None):
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]"),
               (min(args.max_new_tokens, args.max_len, args.epochs, args.batch_size, args.grad_accum) >= 1,
                "--max-new-tokens, --max-len, --epochs, --batch-size and --grad-accum must be at least 1"),
-              (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0, "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
-              ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0, "--max-attempts must be >= 1, --eval-size >= 0")]
+              (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0,
+               "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
+              ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0 and args.dist_timeout > 0,
+               "--max-attempts must be >= 1, --eval-size >= 0, --dist-timeout > 0")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
@@ -1611,6 +1207,7 @@ def parse_args(argv=None):
 # Settings that don't change results; everything else must match to resume a run.
 NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id", "dist_timeout"}
 TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
+RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and round_*/: what --overwrite deletes
 
 
 def claim_out(args, acc):
@@ -1657,7 +1254,7 @@ def claim_out(args, acc):
             args.run_id = saved.get("run_id", args.run_id)
         elif acc.is_main_process:
             for child in out.iterdir():   # only what an isheep run writes
-                if child.name.startswith("round_") or child.name in ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking"):
+                if child.name.startswith("round_") or child.name in RUN_FILES:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -1706,30 +1303,32 @@ def run(args):
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
         die("DeepSpeed is not supported: shard training with FSDP2 instead (README, 'Scaling up': "
             "accelerate launch --config_file fsdp2.yaml isheep.py ...)")
-    # Rank 0 alone loads a model and writes each round's (145 GB at 72B): every collective may wait that long.
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))
-    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum, kwargs_handlers=[timeout],
+    # Rank 0 alone loads a model and writes each round's (145 GB at 72B): any collective may wait that long.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
                       mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
-                      log_with=args.report_to or None,
-                      project_config=ProjectConfiguration(project_dir=args.out, logging_dir=Path(args.out) / "tracking"))
+                      log_with=args.report_to or None, kwargs_handlers=[
+                          InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
+                      project_config=ProjectConfiguration(args.out, logging_dir=Path(args.out) / "tracking"))
     args.dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
     check_model(base_ref, args)
-    first_start = args.overwrite or not (Path(args.out) / "run.json").exists()   # the trackers get the config once
+    out = Path(args.out)
+    first_start = args.overwrite or not (out / "run.json").exists()   # the trackers get the config once
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
     if args.report_to:   # TensorBoard: out/tracking/isheep; wandb: project "isheep", resumed by the id in run.json
-        LOGGED.update(path=Path(args.out) / "tracking" / "logged.json")
+        LOGGED.update(path=out / "tracking" / "logged.json")
         if acc.is_main_process and LOGGED["path"].exists():
             LOGGED["keys"] = set(json.loads(LOGGED["path"].read_text()))
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                   for k, v in vars(args).items() if k not in NOT_IDENTITY} if first_start else None
-        acc.init_trackers("isheep", config=config, init_kwargs={"wandb": dict(name=args.run_name, id=args.run_id, resume="allow")})
+        acc.init_trackers("isheep", config=config,
+                          init_kwargs={"wandb": dict(name=args.run_name, id=args.run_id, resume="allow")})
     n_eval = args.eval_size if args.eval_size is not None else max(8, len(seeds) // 10)
     heldout, pool = split_seeds(seeds, min(n_eval, len(seeds) - FEW_SHOT), args.seed)
     if acc.is_main_process:
-        write_jsonl(Path(args.out) / "heldout.jsonl", heldout)
+        write_jsonl(out / "heldout.jsonl", heldout)
     print0(f"isheep: {'CPU demo, ' if not args.model else ''}model {base_ref[1] or base_ref[0]}, {args.iters} rounds x "
            f"{args.num_instructions} instructions, threshold {args.threshold:g} ({args.assess}), judge {args.judge}, "
            f"train {args.train_from} on {args.train_data} data, "
@@ -1742,14 +1341,14 @@ def run(args):
     for rnd in range(1, args.iters + 1):
         stats = run_iteration(rnd, base_ref, tok, seeds, pool, acc=acc, args=args)
         if heldout:
-            stats.update(evaluate(rnd, (str(Path(args.out) / f"round_{rnd}" / "model"), None), base_ref, tok, heldout,
-                                  acc=acc, args=args))
+            model_ref = (str(out / f"round_{rnd}" / "model"), None)
+            stats.update(evaluate(rnd, model_ref, base_ref, tok, heldout, acc=acc, args=args))
         rounds.append(stats)
         if acc.is_main_process:
-            write_jsonl(Path(args.out) / "metrics.jsonl", rounds)
-            kept = read_jsonl(Path(args.out) / f"round_{rnd}" / "train.jsonl")
+            write_jsonl(out / "metrics.jsonl", rounds)
+            kept = read_jsonl(out / f"round_{rnd}" / "train.jsonl")
             sample = random.Random(seed_for(args.seed, rnd, "table")).sample(kept, min(50, len(kept)))
-            columns = ["instruction", "input", "output", "quality_score", "following_score"]
+            columns = ["instruction", "input", "output", *score_keys("both")]
             track(acc, f"round {rnd}", round_scalars(stats), rnd,
                   table=(f"kept_pairs/round_{rnd}", columns, [[r.get(c) for c in columns] for r in sample]))
         print0(f"round {rnd}: " + ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
@@ -1762,3 +1361,443 @@ def run(args):
 
 if __name__ == "__main__":
     main()
+
+
+# =============================================================================
+# Appendix: the generation engine. A reader of the method may stop here.
+#
+# generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a time, and
+# promises: item i's tokens depend on (seed, i) alone, whatever rows, rank, unit or resume it falls in, since it
+# draws from its own random stream (up to floating-point rounding, which a batch's shape can change); a row ends at
+# eos, the chat template's end of turn, a stop string or the length cap, its text cut at the stop and its tokens
+# counted up to it; N processes write the same data as one.
+#
+# How: continuous batching on one static KV cache (SlotCache). Waiting prompts join while slots are free and a row
+# leaves the moment it ends, so the batch stays full until the work runs out; each row reads only its own keys
+# (attend), so one long prompt costs its own row alone. A CPU steps one token at a time; a GPU runs SYNC_EVERY steps
+# between two reads of their tokens, each step a CUDA graph, under --tp with its collectives inside.
+
+@torch.no_grad()
+def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
+             tp=False, batch_tokens=None, progress=True, desc="generate"):
+    """prompts are token id lists; units whose items are all in `done` are skipped (resume). Item i samples from
+    seed_for(seed, i). Units are dealt to the ranks (with --tp every rank runs every unit on its slice of the
+    model), and every rank makes the same calls to gather_object, so none can hang."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+    done = done or {}
+    eos = stop_token_ids(tok, model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    budget = batch_token_budget(model, batch_tokens, tp)
+    units = [u for u in generation_units(prompts, max_new_tokens, budget) if not all(i in done for i in u)]
+    world, rank = (1, 0) if tp else (acc.num_processes, acc.process_index)
+    bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item", disable=not acc.is_main_process or not progress,
+               dynamic_ncols=True)
+    t0, n_tokens = time.time(), 0
+    for c in range(0, len(units), world):   # one unit per rank between two gathers
+        out, shown = {}, bar.n
+        for unit in units[c:c + world][rank:rank + 1]:
+            new, finished = decode(model, tok, [prompts[i] for i in unit], [seed_for(seed, i) for i in unit],
+                                   budget=budget, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   eos=eos, pad=pad, stop_strings=stop_strings, on_finish=bar.update,
+                                   graphs=model.device.type == "cuda", tp=tp)
+            for i, row, end in zip(unit, new, finished):
+                text = tok.decode(row, skip_special_tokens=True)
+                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                out[i] = dict(text=text if cut < 0 else text[:cut], tokens=len(row), finished=end)
+        if world > 1:
+            out = {i: r for part in gather_object([out]) for i, r in part.items()}
+        n_tokens += sum(r["tokens"] for r in out.values())
+        bar.update(shown + len(out) - bar.n)   # the other ranks' items too
+        bar.set_postfix_str(f"{n_tokens / (time.time() - t0):.1f} tok/s")
+        yield out
+    bar.close()
+
+
+def batch_token_budget(model, batch_tokens=None, tp=False):
+    """Tokens of KV cache a decode may hold (its slots x columns): batch_tokens if given; else what 70% of a GPU's
+    memory beside the weights holds (allocated up front, so nothing else grows into it), or a quarter of a CPU
+    machine's RAM (whose pages are committed only as rows write them). A token costs 2 (K, V) x layers x kv_heads x
+    head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; Qwen1.5-7B: 0.5 MB; SmolLM2-135M in fp32: 23 kB)."""
+    if batch_tokens:
+        return batch_tokens
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    shards = torch.distributed.get_world_size() if tp else 1
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim / shards
+    if model.device.type != "cuda":
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / (per_token * model.dtype.itemsize))
+    weights = sum(p.numel() for p in model.parameters()) / shards   # a DTensor counts its whole size
+    free = 0.7 * (torch.cuda.get_device_properties(model.device).total_memory / model.dtype.itemsize - weights)
+    return max(2048, int(free / per_token))
+
+
+def generation_units(prompts, max_new_tokens, budget):
+    """Indices of prompts, longest first, cut into units of about 4 full batches (prompt + max_new_tokens summed up
+    to 4 x budget). A unit is decoded as one continuous batch on one rank and saved when it ends. Units depend only
+    on the prompts: resumable and the same for any number of ranks."""
+    units, size = [], 0
+    for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
+        cost = len(prompts[i]) + max_new_tokens
+        if not units or size + cost > 4 * budget:
+            units.append([])
+            size = 0
+        units[-1].append(i)
+        size += cost
+    return units
+
+
+SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
+MAX_ROWS = 1024   # rows of a decode at most: each row's sampling takes ~40 bytes a vocabulary entry (6 GB at 1,024
+                  # rows of Qwen's 152k), and past ~512 a 7B step is bound by its matmuls anyway
+PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
+
+
+@dataclasses.dataclass
+class Row:
+    """A prompt being decoded: its ids, its own random stream (one draw a token), what it has made so far."""
+    item: int
+    prompt: list
+    draws: random.Random
+    limit: int                # max_new_tokens
+    new: list = dataclasses.field(default_factory=list)
+    finished: bool = False    # ended by a stop (eos, the end of a turn, a stop string), not by the limit
+
+    @property
+    def ended(self):
+        return self.finished or len(self.new) == self.limit
+
+
+def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
+           on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
+    """Continuous batching of prompts (token id lists) on one SlotCache, in three phases that repeat: rows that
+    ended leave their slots (evict); waiting prompts, shortest first, fill the free slots once a quarter of the
+    batch could join (admit: a prefill); the running rows take a window of steps (step). Item i draws its tokens from
+    random.Random(seeds[i]). gpu (default: on a GPU): windows of SYNC_EVERY steps on a few row counts, each step
+    captured once as a CUDA graph if `graphs`, sampling by one sort. tp: the ranks run this decode in lockstep, so
+    they decide together whether to capture. trace, a list, gets each window's (steps, rows fed, the running rows'
+    lengths), for benchmarks. Returns (new tokens, finished) per prompt."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    device = model.device
+    gpu = device.type == "cuda" if gpu is None else gpu
+    window = SYNC_EVERY if gpu else 1
+    columns = max(map(len, prompts)) + max_new_tokens + window
+    for layer in DynamicCache(config=model.config).layers:   # a row attends every column it has
+        window_ok = getattr(layer, "sliding_window", columns) >= columns
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or not window_ok:
+            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
+                f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends "
+                f"to all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or "
+                f"shorter rows")
+    cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)
+    rows = [Row(i, p, random.Random(s), max_new_tokens) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    waiting, running, captured, pool = sorted(rows, key=lambda r: len(r.prompt)), [], {}, []
+
+    def take(row, tokens):
+        """The row keeps its tokens up to its end: a stop token, its limit, or the token completing a stop string."""
+        for t in tokens:
+            row.new.append(t)
+            row.finished = t in eos or any(s in tok.decode(row.new[-9:]) for s in stop_strings)
+            if row.ended:
+                return on_finish()
+
+    def evict():
+        """Rows that ended leave; the rows after them move up, in order, so slots 0..n-1 stay full and rows that
+        joined together (prompts of similar length, as long ever since) stay side by side."""
+        kept = [r for r, row in enumerate(running) if not row.ended]
+        moves = [(r, slot) for slot, r in enumerate(kept) if r != slot]
+        if moves:
+            cache.move(*zip(*moves), max(len(running[r].prompt) + len(running[r].new) for r, _ in moves))
+        running[:] = [running[r] for r in kept]
+
+    def admit():
+        """Waiting prompts fill the free slots, prefilled in groups that pad no prompt past 1.25x its length (+8)
+        nor past PREFILL_TOKENS in all; each samples its first token."""
+        fit = min(len(waiting), cache.slots - len(running))
+        if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
+            return
+        groups = []
+        for row in waiting[:fit]:
+            n = len(row.prompt)
+            if not groups or n > 1.25 * len(groups[-1][0].prompt) + 8 or (len(groups[-1]) + 1) * n > PREFILL_TOKENS:
+                groups.append([])
+            groups[-1].append(row)
+        for group in groups:
+            first = len(running)
+            logits = cache.prefill(model, [row.prompt for row in group], first, pad)
+            draws = torch.tensor([row.draws.random() for row in group], device=device)
+            cache.token[first:first + len(group)] = sample(logits, temperature, top_p, draws, cascade=not gpu)
+            for row, t in zip(group, cache.token[first:first + len(group)].tolist()):
+                take(row, [t])
+            running.extend(group)
+        del waiting[:fit]
+
+    def step():
+        """A window of steps for every running row; then their tokens are read, once."""
+        steps = min(window, max(row.limit - len(row.new) for row in running))   # the judge's 10: prefill, 8, 1
+        n = len(running)
+        cache.batch = graph_rows(n, cache.slots) if gpu else n
+        cache.pos[n:cache.batch] = 0   # a graph's spare rows write and read one column of a free slot
+        if trace is not None:
+            trace.append((steps, cache.batch, [len(row.prompt) + len(row.new) for row in running]))
+        draws = [[row.draws.random() for row in running] + [0.5] * (cache.batch - n) for _ in range(steps)]
+        made = []
+        for uniforms in torch.tensor(draws, device=device):
+            cache.uniform[:cache.batch] = uniforms
+            if graphs and cache.batch not in captured:
+                try_capture()
+            if graphs:
+                captured[cache.batch][0].replay()
+                made.append(captured[cache.batch][1].clone())
+            else:
+                made.append(decode_step(model, cache, temperature, top_p, cascade=not gpu))
+        if graphs and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
+            torch.distributed.all_reduce(torch.ones(1, device=device))
+        for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
+            take(row, tokens)
+
+    def try_capture():
+        """Capture this row count's step. The prefill's collectives have set NCCL up by now; under --tp every rank
+        keeps its graphs only if every rank captured, or a replay would wait on a rank that runs eagerly."""
+        nonlocal graphs
+        error = None
+        try:
+            pool[:] = pool or [torch.cuda.graph_pool_handle()]   # one pool: the graphs never run at once
+            captured[cache.batch] = capture(lambda: decode_step(model, cache, temperature, top_p, cascade=False),
+                                            [cache.pos, cache.token], pool[0])
+        except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        ok = torch.tensor([error is None], device=device)
+        if tp:
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if not ok.item():
+            print0(f"note: decoding without CUDA graphs ({error or 'a capture failed on another rank'})")
+            graphs = False
+            captured.clear()
+
+    with slot_attention(model, cache):
+        while True:
+            evict()
+            if not waiting and not running:
+                return [row.new for row in rows], [row.finished for row in rows]
+            admit()
+            if any(not row.ended for row in running):
+                step()
+
+
+class SlotCache:
+    """The static KV cache of a decode, which transformers' attention layers write through update() as they would a
+    Cache: per layer, keys and values of slots x columns x kv_heads x head_dim, made on the layer's first write (so
+    they take whatever heads it has: GQA, or a slice of them under --tp). Row r's token at position t sits in column
+    t of slot r, and the row attends its columns 0..pos[r]. Per slot, on the device: pos, its last token, its draw."""
+
+    def __init__(self, slots, columns, device):
+        self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
+        self.pos, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
+        self.uniform = torch.full((slots,), 0.5, device=device)
+        self.rows = torch.arange(slots, device=device)
+
+    def update(self, keys, values, layer, **kwargs):
+        if layer not in self.kv:
+            shape = (self.slots, self.columns, keys.shape[1], keys.shape[-1])
+            self.kv[layer] = zeros(shape, keys.dtype, keys.device), zeros(shape, values.dtype, values.device)
+        k, v = self.kv[layer]
+        if self.prefilling is not None:   # left-padded prompts: each row's keys move to its slot's columns 0..len-1
+            slots, shift = self.prefilling
+            width = keys.shape[2]
+            index = (shift[:, None] + torch.arange(width, device=shift.device)).clamp(max=width - 1)
+            index = index[:, None, :, None].expand_as(keys)
+            k[slots, :width] = keys.gather(2, index).transpose(1, 2)
+            v[slots, :width] = values.gather(2, index).transpose(1, 2)
+            return keys, values   # the prompts attend their own keys, under the prefill's mask
+        n = len(keys)
+        k[self.rows[:n], self.pos[:n]], v[self.rows[:n], self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
+        return k, v
+
+    def prefill(self, model, prompts, first, pad):
+        """Write the prompts' keys and values into slots first, first+1, ... in one forward (left-padded to the
+        longest); returns each prompt's last-position logits."""
+        width, device = max(map(len, prompts)), self.pos.device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        shift = torch.tensor([width - len(p) for p in prompts], device=device)
+        col = torch.arange(width, device=device)
+        mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= shift[:, None, None])
+        self.prefilling = slice(first, first + len(prompts)), shift
+        try:
+            positions = (col - shift[:, None]).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self,
+                           logits_to_keep=1).logits[:, -1]
+        finally:
+            self.prefilling = None
+        self.pos[first:first + len(prompts)] = width - shift
+        return logits
+
+    def move(self, src, dst, columns):
+        """Slots src move to slots dst: their first `columns` columns, and their state."""
+        src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
+        for k, v in self.kv.values():
+            k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
+        for t in (self.pos, self.token):
+            t[dst] = t[src]
+
+
+def zeros(shape, dtype, device):
+    """A zeroed tensor. On a CPU by calloc, whose pages the kernel commits only when written: a SlotCache sized for
+    its longest row costs the memory its rows fill."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy
+    return torch.from_numpy(numpy.zeros(math.prod(shape) * dtype.itemsize, numpy.uint8)).view(dtype).view(shape)
+
+
+def runs(lengths):
+    """(start, stop) of the runs of consecutive rows whose lengths are within 1.25x (+16) of each other: what a CPU
+    attends at once, each run over its longest row's columns."""
+    out = []
+    for r, n in enumerate(lengths):
+        if out and max(top, n) <= 1.25 * min(low, n) + 16:
+            out[-1], top, low = (out[-1][0], r + 1), max(top, n), min(low, n)
+        else:
+            out.append((r, r + 1))
+            top = low = n
+    return out
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+           scale: float | None) -> torch.Tensor:
+    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys and
+    values (slots x columns x kv_heads x head_dim), so no row reads another's length. On a GPU one kernel bounded by
+    `used` (xformers' memory-efficient attention; the heads that share a KV head packed as one sequence, so each key
+    is read once), which a CUDA graph replays with new lengths. On a CPU, a call per run of rows of similar length,
+    masked (what a row doesn't own reads as zeros or another step's keys, finite either way)."""
+    n, heads, dim = query.shape
+    slots, columns, kv_heads = keys.shape[:3]
+    group = heads // kv_heads
+    if not query.is_cuda:
+        q, lengths, out = query.reshape(n, kv_heads, group, dim), used.tolist(), []
+        for a, b in runs(lengths):
+            width = max(lengths[a:b])
+            mask = (torch.arange(width) < used[a:b, None])[:, None, None] if min(lengths[a:b]) < width else None
+            out.append(F.scaled_dot_product_attention(q[a:b], keys[a:b, :width].transpose(1, 2),
+                                                      values[a:b, :width].transpose(1, 2), attn_mask=mask, scale=scale))
+        return torch.cat(out).reshape(n, heads, dim)
+    q = query.reshape(n, kv_heads, group, dim).transpose(1, 2).reshape(1, n * group, kv_heads, dim)
+    starts = torch.arange(0, (n + 1) * columns, columns, dtype=torch.int32, device=query.device)   # slot r's column 0
+    out = torch.ops.aten._efficient_attention_forward(
+        q, keys.view(1, -1, kv_heads, dim), values.view(1, -1, kv_heads, dim), None,
+        torch.arange(0, n * group + 1, group, dtype=torch.int32, device=query.device), starts, group, columns,
+        0.0, 0, False, scale=scale, seqlen_k=used.int())[0]
+    return out.view(n, group, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
+
+
+ATTENTION = "isheep_slots"
+
+
+@contextlib.contextmanager
+def slot_attention(model, cache):
+    """For one decode the model attends with ATTENTION, whatever it was loaded with: a prefill (which passes a mask)
+    through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own attention is back."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if attention_mask is not None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return attend(query[:, :, 0], key, value, cache.pos[:len(query)] + 1, scaling)[:, None], None
+
+    AttentionInterface.register(ATTENTION, attention)   # no mask function: transformers makes no mask for a step
+    own = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
+
+
+def decode_step(model, cache, temperature, top_p, cascade=True):
+    """One step of the cache's first `batch` rows: feed each row's token at its position, write its keys and values
+    there, attend its own columns, sample the next token from the row's draw. The same tensors every time for one
+    batch size: the step a CUDA graph captures."""
+    n = cache.batch
+    logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
+                   use_cache=True).logits[:, -1]
+    cache.token[:n] = sample(logits, temperature, top_p, cache.uniform[:n], cascade)
+    cache.pos[:n] += 1
+    return cache.token[:n].clone()
+
+
+def sample(logits, temperature, top_p, uniforms, cascade=True):
+    """Next tokens from last-position logits: greedy at temperature 0, else nucleus sampling (the smallest set of
+    tokens whose probability reaches top_p; no top-k, as in the paper) by inverse CDF, one uniform draw per row: a
+    row's token depends on its own draw alone. cascade=False sorts the whole vocabulary for every row: the same shapes
+    every step, as a CUDA graph needs; a CPU sorts a 49k vocabulary in 1.5 ms a row, so it looks at the top 64 first."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
+        logits, order = logits.sort(-1, descending=True)
+        return nucleus_draw(torch.softmax(logits.float() / temperature, -1), order, uniforms, top_p)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    token, rows = torch.empty_like(uniforms, dtype=torch.long), torch.arange(len(probs), device=probs.device)
+    for k in [64, 1024, 8192, probs.shape[-1]]:   # the whole vocabulary, last, covers every nucleus
+        top, order = probs[rows].topk(min(k, probs.shape[-1]))
+        done = (top.sum(-1) >= top_p) | (k >= probs.shape[-1])
+        token[rows[done]] = nucleus_draw(top[done], order[done], uniforms[rows[done]], top_p)
+        rows = rows[~done]
+        if not len(rows):
+            return token
+
+
+def nucleus_draw(probs, order, uniforms, top_p):
+    """Inverse-CDF draw from the nucleus of probabilities sorted in descending order (their token ids: order)."""
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0)   # mass before it already >= top_p
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+def graph_rows(rows, slots):
+    """The rows a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a multiple of 16 (to 255), then
+    of an eighth of the power of 2 below them (at most 1/8 spare). So a few shapes serve a whole decode."""
+    step = 1 << max(4, rows.bit_length() - 4)
+    return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
+
+
+@functools.cache
+def side_stream(device):
+    """The stream every capture warms up and records on, so its lazy state (cuBLAS's workspace) is made once."""
+    return torch.cuda.Stream(device)
+
+
+def capture(fn, state, pool):
+    """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in between; graphs
+    that never run at once share the memory `pool`. A warm-up run first, eager, makes what is made lazily (a capture
+    can't) and refuses host syncs (a capture can't hold them); it changes the tensors in `state`, which are put
+    back. A capture that fails anyway is undone before its error is raised, so the caller can go on eagerly."""
+    saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
+    stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+    torch.cuda.empty_cache()   # what the warm-up cached is kept for its stream alone: give it back
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):   # current again however the capture ends
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            try:
+                graph.capture_end()
+            except Exception:   # a broken capture leaves its pool open, and the next empty_cache() would assert
+                for undo in ("_cuda_endAllocateToPool", "_cuda_releasePool"):   # as torch.cuda.use_mem_pool ends
+                    with contextlib.suppress(Exception):
+                        getattr(torch._C, undo)(stream.device_index, pool)
+                raise
+    return graph, out
