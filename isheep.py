@@ -1366,23 +1366,18 @@ if __name__ == "__main__":
 # =============================================================================
 # Appendix: the generation engine. A reader of the method may stop here.
 #
-# generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a time, and
-# promises: item i's tokens depend on (seed, i) alone, whatever rows, rank, unit or resume it falls in, since it
-# draws from its own random stream (up to floating-point rounding, which a batch's shape can change); a row ends at
-# eos, the chat template's end of turn, a stop string or the length cap, its text cut at the stop and its tokens
-# counted up to it; N processes write the same data as one.
-#
-# How: continuous batching on one static KV cache (SlotCache). Waiting prompts join while slots are free and a row
-# leaves the moment it ends, so the batch stays full until the work runs out; each row reads only its own keys
-# (attend), so one long prompt costs its own row alone. A CPU steps one token at a time; a GPU runs SYNC_EVERY steps
-# between two reads of their tokens, each step a CUDA graph, under --tp with its collectives inside.
+# generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a time. It
+# promises: item i's tokens depend on (seed, i) alone, as it draws from its own random stream (up to floating-point
+# rounding, which a batch's shape can change), so a resumed or an N-process run writes the same data; a row ends at
+# eos, the end of a turn, a stop string or the length cap, its text cut there and its tokens counted up to it.
+# How: continuous batching on one static KV cache (SlotCache), in which each row reads only its own keys (attend).
+# A CPU steps a token at a time; a GPU runs SYNC_EVERY steps between two reads, each a CUDA graph (under --tp too).
 
 @torch.no_grad()
 def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
              tp=False, batch_tokens=None, progress=True, desc="generate"):
-    """prompts are token id lists; units whose items are all in `done` are skipped (resume). Item i samples from
-    seed_for(seed, i). Units are dealt to the ranks (with --tp every rank runs every unit on its slice of the
-    model), and every rank makes the same calls to gather_object, so none can hang."""
+    """prompts are token id lists; units whose items are all in `done` are skipped (resume). Units are dealt to the
+    ranks (under --tp all run each), which make the same calls to gather_object, so none can hang."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
     done = done or {}
@@ -1415,10 +1410,9 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
 
 
 def batch_token_budget(model, batch_tokens=None, tp=False):
-    """Tokens of KV cache a decode may hold (its slots x columns): batch_tokens if given; else what 70% of a GPU's
-    memory beside the weights holds (allocated up front, so nothing else grows into it), or a quarter of a CPU
-    machine's RAM (whose pages are committed only as rows write them). A token costs 2 (K, V) x layers x kv_heads x
-    head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; Qwen1.5-7B: 0.5 MB; SmolLM2-135M in fp32: 23 kB)."""
+    """Tokens of KV cache a decode may hold (slots x columns): batch_tokens, or what 70% of a GPU's memory beside the
+    weights holds (allocated up front), or a quarter of a CPU's RAM (committed as rows write it). A token costs 2 (K,
+    V) x layers x kv_heads x head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; 7B: 0.5 MB; SmolLM2-135M: 23 kB)."""
     if batch_tokens:
         return batch_tokens
     c = model.config.get_text_config()
@@ -1434,9 +1428,8 @@ def batch_token_budget(model, batch_tokens=None, tp=False):
 
 
 def generation_units(prompts, max_new_tokens, budget):
-    """Indices of prompts, longest first, cut into units of about 4 full batches (prompt + max_new_tokens summed up
-    to 4 x budget). A unit is decoded as one continuous batch on one rank and saved when it ends. Units depend only
-    on the prompts: resumable and the same for any number of ranks."""
+    """Indices of prompts, longest first, cut into units of ~4 full batches (prompt + max_new_tokens up to 4 x
+    budget), each decoded on one rank and saved when it ends. Only the prompts decide: the same for any ranks."""
     units, size = [], 0
     for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
         cost = len(prompts[i]) + max_new_tokens
@@ -1449,15 +1442,13 @@ def generation_units(prompts, max_new_tokens, budget):
 
 
 SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
-MAX_ROWS = 1024   # rows of a decode at most: each row's sampling takes ~40 bytes a vocabulary entry (6 GB at 1,024
-                  # rows of Qwen's 152k), and past ~512 a 7B step is bound by its matmuls anyway
+MAX_ROWS = 1024   # rows of a decode at most: sampling takes ~40 bytes a row and vocabulary entry (6 GB at Qwen's 152k)
 PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
 
 
 @dataclasses.dataclass
 class Row:
     """A prompt being decoded: its ids, its own random stream (one draw a token), what it has made so far."""
-    item: int
     prompt: list
     draws: random.Random
     limit: int                # max_new_tokens
@@ -1471,13 +1462,11 @@ class Row:
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
            on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """Continuous batching of prompts (token id lists) on one SlotCache, in three phases that repeat: rows that
-    ended leave their slots (evict); waiting prompts, shortest first, fill the free slots once a quarter of the
-    batch could join (admit: a prefill); the running rows take a window of steps (step). Item i draws its tokens from
-    random.Random(seeds[i]). gpu (default: on a GPU): windows of SYNC_EVERY steps on a few row counts, each step
-    captured once as a CUDA graph if `graphs`, sampling by one sort. tp: the ranks run this decode in lockstep, so
-    they decide together whether to capture. trace, a list, gets each window's (steps, rows fed, the running rows'
-    lengths), for benchmarks. Returns (new tokens, finished) per prompt."""
+    """Continuous batching of prompts (token id lists) on one SlotCache, three phases over and over: rows that ended
+    leave (evict); waiting prompts, shortest first, fill free slots (admit: a prefill); the rows take a window of
+    steps (step). Item i draws from random.Random(seeds[i]). gpu (default: on a GPU): windows of SYNC_EVERY steps on
+    a few row counts, each captured as a CUDA graph if `graphs`; tp: the ranks decode in lockstep. trace, a list,
+    gets each window's (steps, rows fed, rows' lengths). Returns (new tokens, finished) per prompt."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
     device = model.device
@@ -1485,36 +1474,34 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
     window = SYNC_EVERY if gpu else 1
     columns = max(map(len, prompts)) + max_new_tokens + window
     for layer in DynamicCache(config=model.config).layers:   # a row attends every column it has
-        window_ok = getattr(layer, "sliding_window", columns) >= columns
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or not window_ok:
-            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
-                f"{getattr(layer, 'sliding_window', '-')}), which isheep's generation does not implement: it attends "
-                f"to all {columns} columns of a row (prompt + --max-new-tokens). Use a full-attention model, or "
-                f"shorter rows")
+        reach = getattr(layer, "sliding_window", None)
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or (reach or columns) < columns:
+            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window {reach or '-'}), which "
+                f"isheep's generation does not implement: it attends to all {columns} columns of a row (prompt + "
+                f"--max-new-tokens). Use a full-attention model, or shorter rows")
     cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)
-    rows = [Row(i, p, random.Random(s), max_new_tokens) for i, (p, s) in enumerate(zip(prompts, seeds))]
+    rows = [Row(p, random.Random(s), max_new_tokens) for p, s in zip(prompts, seeds)]
     waiting, running, captured, pool = sorted(rows, key=lambda r: len(r.prompt)), [], {}, []
 
-    def take(row, tokens):
-        """The row keeps its tokens up to its end: a stop token, its limit, or the token completing a stop string."""
+    def take(row, tokens):   # up to the row's end: a stop token, its limit, or the token completing a stop string
         for t in tokens:
             row.new.append(t)
             row.finished = t in eos or any(s in tok.decode(row.new[-9:]) for s in stop_strings)
             if row.ended:
                 return on_finish()
 
-    def evict():
-        """Rows that ended leave; the rows after them move up, in order, so slots 0..n-1 stay full and rows that
-        joined together (prompts of similar length, as long ever since) stay side by side."""
+    def evict():   # rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full
         kept = [r for r, row in enumerate(running) if not row.ended]
-        moves = [(r, slot) for slot, r in enumerate(kept) if r != slot]
-        if moves:
-            cache.move(*zip(*moves), max(len(running[r].prompt) + len(running[r].new) for r, _ in moves))
-        running[:] = [running[r] for r in kept]
+        holes, movers = [r for r in range(len(kept)) if running[r].ended], [r for r in kept if r >= len(kept)]
+        if movers:
+            cache.move(movers, holes, max(len(running[r].prompt) + len(running[r].new) for r in movers))
+        order = list(range(len(kept)))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        running[:] = [running[r] for r in order]
 
     def admit():
-        """Waiting prompts fill the free slots, prefilled in groups that pad no prompt past 1.25x its length (+8)
-        nor past PREFILL_TOKENS in all; each samples its first token."""
+        """Waiting prompts fill the free slots, prefilled in groups that pad no prompt past 1.25x its length (+8)."""
         fit = min(len(waiting), cache.slots - len(running))
         if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
             return
@@ -1535,7 +1522,6 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         del waiting[:fit]
 
     def step():
-        """A window of steps for every running row; then their tokens are read, once."""
         steps = min(window, max(row.limit - len(row.new) for row in running))   # the judge's 10: prefill, 8, 1
         n = len(running)
         cache.batch = graph_rows(n, cache.slots) if gpu else n
@@ -1559,21 +1545,20 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             take(row, tokens)
 
     def try_capture():
-        """Capture this row count's step. The prefill's collectives have set NCCL up by now; under --tp every rank
-        keeps its graphs only if every rank captured, or a replay would wait on a rank that runs eagerly."""
+        """Capture this row count's step (a prefill has set NCCL up). Under --tp all ranks keep graphs or none."""
         nonlocal graphs
-        error = None
+        error = "a capture failed on another rank"
         try:
             pool[:] = pool or [torch.cuda.graph_pool_handle()]   # one pool: the graphs never run at once
             captured[cache.batch] = capture(lambda: decode_step(model, cache, temperature, top_p, cascade=False),
                                             [cache.pos, cache.token], pool[0])
         except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-        ok = torch.tensor([error is None], device=device)
+            error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0][:200]}"
+        ok = torch.tensor([cache.batch in captured], device=device)
         if tp:
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         if not ok.item():
-            print0(f"note: decoding without CUDA graphs ({error or 'a capture failed on another rank'})")
+            print0(f"note: decoding without CUDA graphs ({error})")
             graphs = False
             captured.clear()
 
@@ -1588,10 +1573,9 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
 
 
 class SlotCache:
-    """The static KV cache of a decode, which transformers' attention layers write through update() as they would a
-    Cache: per layer, keys and values of slots x columns x kv_heads x head_dim, made on the layer's first write (so
-    they take whatever heads it has: GQA, or a slice of them under --tp). Row r's token at position t sits in column
-    t of slot r, and the row attends its columns 0..pos[r]. Per slot, on the device: pos, its last token, its draw."""
+    """A decode's KV cache, written by transformers' attention layers through update() as they would a Cache's: per
+    layer, keys and values of slots x columns x kv_heads x head_dim, made at the layer's first write (whatever heads
+    it has, under --tp a slice). Row r's token at position t is in column t of slot r. Per slot: pos, token, draw."""
 
     def __init__(self, slots, columns, device):
         self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
@@ -1600,9 +1584,9 @@ class SlotCache:
         self.rows = torch.arange(slots, device=device)
 
     def update(self, keys, values, layer, **kwargs):
-        if layer not in self.kv:
+        if layer not in self.kv:   # no step reads a column before writing it: uninitialised (a CPU commits no page)
             shape = (self.slots, self.columns, keys.shape[1], keys.shape[-1])
-            self.kv[layer] = zeros(shape, keys.dtype, keys.device), zeros(shape, values.dtype, values.device)
+            self.kv[layer] = keys.new_empty(shape), values.new_empty(shape)
         k, v = self.kv[layer]
         if self.prefilling is not None:   # left-padded prompts: each row's keys move to its slot's columns 0..len-1
             slots, shift = self.prefilling
@@ -1617,16 +1601,14 @@ class SlotCache:
         return k, v
 
     def prefill(self, model, prompts, first, pad):
-        """Write the prompts' keys and values into slots first, first+1, ... in one forward (left-padded to the
-        longest); returns each prompt's last-position logits."""
+        """Prefill the prompts (left-padded to the longest) into slots first, first+1, ...; their last logits."""
         width, device = max(map(len, prompts)), self.pos.device
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         shift = torch.tensor([width - len(p) for p in prompts], device=device)
         col = torch.arange(width, device=device)
         mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= shift[:, None, None])
-        self.prefilling = slice(first, first + len(prompts)), shift
+        self.prefilling, positions = (slice(first, first + len(prompts)), shift), (col - shift[:, None]).clamp(min=0)
         try:
-            positions = (col - shift[:, None]).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self,
                            logits_to_keep=1).logits[:, -1]
         finally:
@@ -1634,8 +1616,7 @@ class SlotCache:
         self.pos[first:first + len(prompts)] = width - shift
         return logits
 
-    def move(self, src, dst, columns):
-        """Slots src move to slots dst: their first `columns` columns, and their state."""
+    def move(self, src, dst, columns):   # slots src to slots dst: their first `columns` columns and their state
         src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
         for k, v in self.kv.values():
             k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
@@ -1643,46 +1624,18 @@ class SlotCache:
             t[dst] = t[src]
 
 
-def zeros(shape, dtype, device):
-    """A zeroed tensor. On a CPU by calloc, whose pages the kernel commits only when written: a SlotCache sized for
-    its longest row costs the memory its rows fill."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy
-    return torch.from_numpy(numpy.zeros(math.prod(shape) * dtype.itemsize, numpy.uint8)).view(dtype).view(shape)
-
-
-def runs(lengths):
-    """(start, stop) of the runs of consecutive rows whose lengths are within 1.25x (+16) of each other: what a CPU
-    attends at once, each run over its longest row's columns."""
-    out = []
-    for r, n in enumerate(lengths):
-        if out and max(top, n) <= 1.25 * min(low, n) + 16:
-            out[-1], top, low = (out[-1][0], r + 1), max(top, n), min(low, n)
-        else:
-            out.append((r, r + 1))
-            top = low = n
-    return out
-
-
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
            scale: float | None) -> torch.Tensor:
     """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys and
-    values (slots x columns x kv_heads x head_dim), so no row reads another's length. On a GPU one kernel bounded by
-    `used` (xformers' memory-efficient attention; the heads that share a KV head packed as one sequence, so each key
-    is read once), which a CUDA graph replays with new lengths. On a CPU, a call per run of rows of similar length,
-    masked (what a row doesn't own reads as zeros or another step's keys, finite either way)."""
+    values (slots x columns x kv_heads x head_dim). A GPU runs one kernel bounded by `used` (memory-efficient attention,
+    the heads of a KV head packed as one sequence), which a graph replays with new lengths; a CPU a call per row."""
     n, heads, dim = query.shape
     slots, columns, kv_heads = keys.shape[:3]
     group = heads // kv_heads
-    if not query.is_cuda:
-        q, lengths, out = query.reshape(n, kv_heads, group, dim), used.tolist(), []
-        for a, b in runs(lengths):
-            width = max(lengths[a:b])
-            mask = (torch.arange(width) < used[a:b, None])[:, None, None] if min(lengths[a:b]) < width else None
-            out.append(F.scaled_dot_product_attention(q[a:b], keys[a:b, :width].transpose(1, 2),
-                                                      values[a:b, :width].transpose(1, 2), attn_mask=mask, scale=scale))
-        return torch.cat(out).reshape(n, heads, dim)
+    if not query.is_cuda:   # 4-D: SDPA's CPU kernel takes the 1 x kv_heads x columns x head_dim views as they are
+        rows = zip(query.reshape(n, 1, kv_heads, group, dim), keys[:n, None], values[:n, None], used.tolist())
+        return torch.cat([F.scaled_dot_product_attention(q, k[:, :u].transpose(1, 2), v[:, :u].transpose(1, 2),
+                                                         scale=scale) for q, k, v, u in rows]).reshape(n, heads, dim)
     q = query.reshape(n, kv_heads, group, dim).transpose(1, 2).reshape(1, n * group, kv_heads, dim)
     starts = torch.arange(0, (n + 1) * columns, columns, dtype=torch.int32, device=query.device)   # slot r's column 0
     out = torch.ops.aten._efficient_attention_forward(
@@ -1717,9 +1670,8 @@ def slot_attention(model, cache):
 
 
 def decode_step(model, cache, temperature, top_p, cascade=True):
-    """One step of the cache's first `batch` rows: feed each row's token at its position, write its keys and values
-    there, attend its own columns, sample the next token from the row's draw. The same tensors every time for one
-    batch size: the step a CUDA graph captures."""
+    """One step of the cache's first `batch` rows: each row's token in at its position, its keys and values written,
+    its next token drawn. The same tensors every time for one batch size: the step a CUDA graph captures."""
     n = cache.batch
     logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
                    use_cache=True).logits[:, -1]
@@ -1729,10 +1681,9 @@ def decode_step(model, cache, temperature, top_p, cascade=True):
 
 
 def sample(logits, temperature, top_p, uniforms, cascade=True):
-    """Next tokens from last-position logits: greedy at temperature 0, else nucleus sampling (the smallest set of
-    tokens whose probability reaches top_p; no top-k, as in the paper) by inverse CDF, one uniform draw per row: a
-    row's token depends on its own draw alone. cascade=False sorts the whole vocabulary for every row: the same shapes
-    every step, as a CUDA graph needs; a CPU sorts a 49k vocabulary in 1.5 ms a row, so it looks at the top 64 first."""
+    """Next tokens: greedy at temperature 0, else nucleus sampling (the smallest set of tokens whose probability
+    reaches top_p; no top-k, as in the paper) by inverse CDF of each row's own draw. cascade=False sorts the whole
+    vocabulary: the same shapes every step, as a graph needs; a CPU (1.5 ms a row for 49k) looks at the top 64 first."""
     if temperature == 0:
         return logits.argmax(-1)
     if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
@@ -1758,8 +1709,8 @@ def nucleus_draw(probs, order, uniforms, top_p):
 
 
 def graph_rows(rows, slots):
-    """The rows a GPU step runs on: rows rounded up to a power of 2 (to 16), then to a multiple of 16 (to 255), then
-    of an eighth of the power of 2 below them (at most 1/8 spare). So a few shapes serve a whole decode."""
+    """Rows rounded up, so a few graphs serve a decode: to a power of 2 (to 16), a multiple of 16 (to 255), then of
+    an eighth of the power of 2 below (at most 1/8 spare)."""
     step = 1 << max(4, rows.bit_length() - 4)
     return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
 
@@ -1771,10 +1722,9 @@ def side_stream(device):
 
 
 def capture(fn, state, pool):
-    """fn() as a CUDA graph: each replay reruns its kernels on the same tensors, with no Python in between; graphs
-    that never run at once share the memory `pool`. A warm-up run first, eager, makes what is made lazily (a capture
-    can't) and refuses host syncs (a capture can't hold them); it changes the tensors in `state`, which are put
-    back. A capture that fails anyway is undone before its error is raised, so the caller can go on eagerly."""
+    """fn() as a CUDA graph whose replays rerun its kernels on the same tensors; graphs that never run at once share
+    `pool`. An eager warm-up first makes what is made lazily and refuses host syncs (a capture can do neither); the
+    tensors in `state` it changes are put back. A capture that fails is undone before its error is raised."""
     saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
     stream.wait_stream(torch.cuda.current_stream())
     torch.cuda.set_sync_debug_mode("error")
