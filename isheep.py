@@ -96,16 +96,16 @@ Response: {output}
 
 Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
 ASPECTS = {"quality": (QUALITY_PROMPT, "quality_score"), "adherence": (ADHERENCE_PROMPT, "following_score")}
-# The judge's reply is started for it, so the score comes first even from a small model that
-# would rather echo the prompt (SmolLM2-135M: 8% of replies parse without it, ~85% with it).
+# The judge's reply is started for it, so the score comes first even from a small model that would rather echo the
+# prompt (README, "Results").
 JUDGE_REPLY_START = "Score (1-10): "
 JUDGE_MAX_NEW_TOKENS = 10   # room for "10/10" and no more: the explanation is never read
 
 # Steps 3 and 7 share one prompt format: the tokenizer's chat template, or this one without it.
 PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"
 
-# The CPU demo: what `python isheep.py` runs with no --model. Explicit flags still win.
-# SmolLM2-135M keeps ~0.6 usable tasks per prompt (a 72B model ~4), hence more attempts.
+# The CPU demo: what `python isheep.py` runs with no --model. Explicit flags still win. A 135M model writes few
+# usable tasks a prompt, hence more attempts.
 DEMO = dict(iters=2, num_instructions=24, max_attempts=64, max_new_tokens=192, synth_max_new_tokens=256,
             max_len=1024, lr=3e-4, warmup_steps=2, batch_size=8)
 
@@ -1291,9 +1291,7 @@ def main(argv=None):
 
 def run(args):
     """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
-    # cuDNN's attention kernel plans anew for every new shape: each decoding step (the keys grow)
-    # and each micro-batch. That made a step of a 0.5B model take 55 ms on an H100 (torch 2.11).
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)   # it plans anew for every new shape: every step and micro-batch
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
