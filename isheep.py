@@ -1357,10 +1357,6 @@ def run(args):
     acc.end_training()
 
 
-if __name__ == "__main__":
-    main()
-
-
 # =============================================================================
 # Appendix: the generation engine. A reader of the method may stop here.
 #
@@ -1749,3 +1745,7 @@ def capture(fn, state, pool):
                         getattr(torch._C, undo)(stream.device_index, pool)
                 raise
     return graph, out
+
+
+if __name__ == "__main__":
+    main()
