@@ -715,6 +715,46 @@ def test_each_row_attends_only_its_own_columns(tiny, monkeypatch):
     assert new == [greedy_alone(model, tok, p, 8) for p in prompts]
 
 
+on_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU kernel (bench/gpu.sh runs these)")
+
+
+@on_a_gpu
+def test_on_a_gpu_attend_reads_each_rows_own_keys_and_a_graph_replays_it_with_new_lengths():
+    """The GPU's one kernel (memory-efficient attention bounded by each row's length, GQA heads packed) against
+    the CPU's row-by-row SDPA in fp32; then captured, and replayed after the lengths changed."""
+    torch.manual_seed(0)
+    kv, group, dim, cpu = 4, 7, 128, lambda t: t.cpu().float()   # Qwen2-7B's heads
+    keys, values = (torch.randn(6, 300, kv, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    query = torch.randn(5, kv * group, dim, device="cuda", dtype=torch.bfloat16)
+    used = torch.tensor([1, 300, 7, 129, 2], device="cuda")
+    def check(out):
+        want = isheep.attend(cpu(query), cpu(keys), cpu(values), used.cpu(), dim ** -0.5)
+        torch.testing.assert_close(cpu(out), want, atol=2e-2, rtol=2e-2)
+    check(isheep.attend(query, keys, values, used, dim ** -0.5))
+    graph, out = isheep.capture(lambda: isheep.attend(query, keys, values, used, dim ** -0.5), [used],
+                                torch.cuda.graph_pool_handle())
+    used.copy_(torch.tensor([300, 3, 64, 1, 250]))
+    graph.replay()
+    check(out)
+
+
+@on_a_gpu
+def test_on_a_gpu_packed_attention_is_each_examples_own_with_its_gradients():
+    """FlashAttention varlen (bf16) against example-by-example causal SDPA (fp32): outputs and gradients."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 200, 201, 333], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, heads, 333, 64, device="cuda", requires_grad=True) for heads in (8, 2, 2))
+    outs, grads = [], []
+    for dtype in (torch.bfloat16, torch.float32):   # fp32 takes the fallback
+        args = [t.to(dtype) for t in (q, k, v)]
+        out = isheep.packed_attention(None, *args, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=195)[0]
+        grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+        outs.append(out.float())
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+    for bf16, fp32 in zip(*grads):
+        torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.1)
+
+
 def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny):
     tok, model = tiny_model(tiny)
     prompts = sorted(poet_prompts(tok), key=len, reverse=True)

@@ -59,7 +59,7 @@ python3 -c "import torch, transformers, accelerate; print('torch', torch.__versi
 python3 -c "import pandas, pyarrow, trl; print('TRL can run: pandas', pandas.__version__, 'pyarrow', pyarrow.__version__, 'trl', trl.__version__)" \
   || echo "TRL cannot run here (the line above says what is missing): the SFT benches run without it"
 
-ENGINE="responses_7b_128 responses_7b_256 responses_7b_cap responses_7b_cap_baseline tp_72b greedy_05b_fp32"
+ENGINE="kernels responses_7b_128 responses_7b_256 responses_7b_cap responses_7b_cap_baseline tp_72b greedy_05b_fp32"
 REST="sft_7b_lora sft_05b_full instructions_7b instructions_7b_baseline judge_7b judge_7b_baseline round_plain round_fsdp2"
 case "${GROUP:-}" in engine) ONLY=${ONLY:-$ENGINE} ;; rest) ONLY=${ONLY:-$REST} ;; esac
 run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value line into summary.txt
@@ -74,6 +74,9 @@ run() {   # run NAME SECONDS COMMAND...: its output into the log, its key=value 
 G=(python3 bench/generate.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --seeds .gpu/self_instruct_seed_tasks.jsonl --seq-n 0)
 ISHEEP_ONLY=(--hf-batch-size --no-continuous)   # no HF method: isheep alone (against the baseline's isheep)
 
+# 0. The GPU's kernels against the CPU's paths: attend() bounded by each row's length (captured, replayed with new
+#    lengths); FlashAttention varlen for packed SFT rows, its gradients too
+run kernels 90 python3 -m pytest -q -x -p no:cacheprovider test_isheep.py -k on_a_gpu
 # 1. The engine. Responses on the 7B shape, the seed-task mix (one 1,350-token input), rows that end (~1/150 a token):
 #    isheep against the best of HF static batches, generate_batch and generate_batch with CUDA graphs; its roofline.
 run responses_7b_128 150 "${G[@]}" --shape 7b --n 128 --eos-every 150 --cb-cuda-graph --profile
@@ -118,6 +121,7 @@ def matched(name):
     done, of = runs.get(name, {}).get("greedy_ids_match", "0/1").split("/")
     return float(done) / float(of)
 checks = [
+    ("19, 21: the GPU kernels equal the CPU paths (pytest -k on_a_gpu)", float(get("kernels", "rc") == 0), 1),
     ("21: 7B, 128 prompts, rows that end: >= 3x the best HF method", get("responses_7b_128", "ratio_vs_best_hf"), 3),
     ("21: 7B, 256 prompts, rows that end: >= 3x the best HF method", get("responses_7b_256", "ratio_vs_best_hf"), 3),
     ("21: 7B, 128 prompts: the decode's roofline fraction >= 0.5", get("responses_7b_128", "roofline_fraction"), 0.5),
