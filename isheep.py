@@ -607,10 +607,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, cu
                      **kwargs):
     """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q,
     which transformers hands down from the model's call. On a GPU (bf16, Ampere or newer): one call of torch's own
-    FlashAttention, varlen, differentiable. Elsewhere: example by example."""
+    FlashAttention, varlen, differentiable; under autocast in its dtype, as SDPA would be (fp32 weights' rotary
+    embedding hands it fp32 queries). Elsewhere: example by example."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
-    if q.is_cuda and q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    if q.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
         cu, n = cu_seq_lens_q, max_length_q
+        q, k, v = (t.to(dtype) for t in (q, k, v))
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scaling)[0]
         return out[None], None
     k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))   # GQA: a KV head per query head

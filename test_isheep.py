@@ -753,6 +753,10 @@ def test_on_a_gpu_packed_attention_is_each_examples_own_with_its_gradients():
     torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
     for bf16, fp32 in zip(*grads):
         torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):   # full fine-tuning: fp32 queries (the rotary) take it too
+        out = isheep.packed_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu, max_length_q=195)[0]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), outs[1], atol=3e-2, rtol=3e-2)
 
 
 def test_a_sampled_text_depends_on_its_seed_alone_not_on_the_rows_beside_it(tiny):
