@@ -96,8 +96,7 @@ Response: {output}
 
 Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
 ASPECTS = {"quality": (QUALITY_PROMPT, "quality_score"), "adherence": (ADHERENCE_PROMPT, "following_score")}
-# The judge's reply is started for it, so the score comes first even from a small model that would rather echo the
-# prompt (README, "Results").
+# The judge's reply is started for it: the score comes first even from a small model that would echo the prompt.
 JUDGE_REPLY_START = "Score (1-10): "
 JUDGE_MAX_NEW_TOKENS = 10   # room for "10/10" and no more: the explanation is never read
 
@@ -132,8 +131,7 @@ def seed_for(*parts):
 
 @contextlib.contextmanager
 def writing(path):
-    """Name the path in an OS error that lacks it: a full disk fails in write() or fsync(),
-    whose errors carry no file name."""
+    """Name the path in an OS error that lacks it: a full disk fails in write() or fsync(), which name no file."""
     try:
         yield
     except OSError as e:
@@ -145,10 +143,8 @@ def read_jsonl(path):
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            try:
+            with contextlib.suppress(json.JSONDecodeError):   # only the last line of a partial file can be torn
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # only the last line of a partial file can be torn
     return rows
 
 
@@ -250,11 +246,9 @@ def leaks_format(task):
 def instruction_rule_broken(task):
     """The name of the first self-instruct rule this task breaks, or None."""
     text = task["instruction"]
-    for name, broken in [("length", bad_length(text)), ("blacklist", has_blacklisted_word(text)),
-                         ("start", starts_badly(text)), ("url", has_url(text)), ("format", leaks_format(task))]:
-        if broken:
-            return name
-    return None
+    rules = [("length", bad_length(text)), ("blacklist", has_blacklisted_word(text)), ("start", starts_badly(text)),
+             ("url", has_url(text)), ("format", leaks_format(task))]
+    return next((name for name, broken in rules if broken), None)
 
 
 def is_empty(pair):
@@ -274,11 +268,9 @@ def was_cut_off(pair):
 
 
 def response_rule_broken(pair):
-    for name, rule in [("empty", is_empty), ("new_turn", continues_dialogue),
-                       ("echo", repeats_instruction), ("cut_off", was_cut_off)]:
-        if rule(pair):
-            return name
-    return None
+    rules = [("empty", is_empty), ("new_turn", continues_dialogue), ("echo", repeats_instruction),
+             ("cut_off", was_cut_off)]
+    return next((name for name, rule in rules if rule(pair)), None)
 
 
 def rouge_tokens(text):
@@ -286,19 +278,15 @@ def rouge_tokens(text):
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
-def lcs_length(a, b):
+def rouge_l(a, b):
+    """ROUGE-L F-measure of two token lists, computed exactly as rouge_score does."""
     prev = [0] * (len(b) + 1)
-    for x in a:
+    for x in a:   # the longest common subsequence, a row of its table at a time
         cur = [0]
         for j, y in enumerate(b):
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
-    return prev[-1]
-
-
-def rouge_l(a, b):
-    """ROUGE-L F-measure of two token lists, computed exactly as rouge_score does."""
-    lcs = lcs_length(a, b) if a and b else 0
+    lcs = prev[-1]
     if lcs == 0:
         return 0.0
     p, r = lcs / len(b), lcs / len(a)
@@ -320,34 +308,26 @@ def occurrence_matrix(toks):
 
 
 def rouge_dedup(candidates, references, threshold=0.7):
-    """keep[i] is True when candidate i has ROUGE-L <= threshold against every reference and
-    every earlier kept candidate: the decisions of the pairwise loop, without its n^2 LCSs.
-
-    LCS(a, b) can't exceed the size of the multiset intersection of a and b. Counting the k-th
-    occurrence of a word as its own feature turns that intersection into a dot product of 0/1
-    vectors, so one sparse matrix product bounds every pair at once; the exact (slow) LCS runs
-    only for the few pairs whose bound could pass the threshold."""
+    """keep[i] is True when candidate i has ROUGE-L <= threshold against every reference and every earlier kept
+    candidate: the pairwise loop's decisions, without its n^2 LCSs. LCS(a, b) can't exceed the size of the multiset
+    intersection of a and b, a dot product of 0/1 vectors when the k-th occurrence of a word is its own feature
+    (occurrence_matrix): one sparse product bounds every pair; the exact LCS runs only where the bound could pass."""
     toks = [rouge_tokens(t) for t in references] + [rouge_tokens(t) for t in candidates]
     n_ref, n = len(references), len(toks)
     x = occurrence_matrix(toks)
     lengths = torch.tensor([len(t) for t in toks], dtype=torch.float32)
-    keep, kept_mask = [], torch.zeros(n, dtype=torch.bool)
-    kept_mask[:n_ref] = True
-    block = 256
-    for start in range(n_ref, n, block):
-        stop = min(start + block, n)
+    kept = torch.arange(n) < n_ref   # the references, then each candidate once it is kept
+    for start in range(n_ref, n, 256):   # candidates in blocks
+        stop = min(start + 256, n)
         dense = x.index_select(0, torch.arange(start, stop)).to_dense()      # (b, features)
         overlap = torch.sparse.mm(x, dense.T).T                                # (b, n) shared tokens
         bound = torch.minimum(overlap, torch.minimum(lengths[start:stop, None], lengths[None, :]))
         # F = 2*lcs/(len_a+len_b); a small slack keeps float rounding on the safe side
         maybe = 2 * bound > (threshold - 1e-6) * (lengths[start:stop, None] + lengths[None, :])
         for i in range(start, stop):
-            cand = maybe[i - start, :i] & kept_mask[:i]
-            dup = any(rouge_l(toks[i], toks[j]) > threshold for j in cand.nonzero().flatten().tolist())
-            kept_mask[i] = not dup
-            keep.append(not dup)
-    return keep
-
+            cand = maybe[i - start, :i] & kept[:i]
+            kept[i] = not any(rouge_l(toks[i], toks[j]) > threshold for j in cand.nonzero().flatten().tolist())
+    return kept[n_ref:].tolist()
 
 
 # -----------------------------------------------------------------------------
