@@ -1133,6 +1133,27 @@ def test_fsdp2_on_two_processes_trains_and_saves_what_one_process_does(tiny, tmp
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
+def test_collectives_wait_dist_timeout_minutes_not_torchs_ten(monkeypatch, tmp_path):
+    """Rank 0 alone loads and writes each round's model (145 GB at 72B) while the other ranks wait in a collective:
+    the process group is started with --dist-timeout minutes."""
+    import datetime
+    import accelerate
+    handlers = []
+
+    class Started(Exception):
+        pass
+
+    def accelerator(**kw):
+        handlers.extend(kw["kwargs_handlers"])
+        raise Started
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    for flags, minutes in [([], 120), (["--dist-timeout", "7.5"], 7.5)]:
+        handlers.clear()
+        with pytest.raises(Started):
+            isheep.run(isheep.parse_args(["--out", str(tmp_path / "out"), "--model", "m", *flags]))
+        assert [h.timeout for h in handlers] == [datetime.timedelta(minutes=minutes)]
+
+
 def test_deepspeed_is_refused_before_anything_is_written(tiny, tmp_path):
     r = subprocess.run(command() + ["--out", str(tmp_path / "out"), "--model", str(tiny)], capture_output=True, text=True,
                        env=dict(ENV, ACCELERATE_USE_DEEPSPEED="true"), cwd=HERE, timeout=300)   # as accelerate launch sets it

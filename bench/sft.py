@@ -16,7 +16,7 @@ lm_head at the supervised positions alone, plus causal attention (3 x 2 x length
 Over the time, that is the share of the matmul peak measured in the same run (and of the datasheet's, on a known
 GPU). max_loss_diff: the largest gap between the packed and the padded loss of the timed steps, from the same weights.
 
-    python bench/sft.py                      # the demo model, full fine-tuning, fp32, 4 timed steps (~5 min on 2 cores)
+    python bench/sft.py                      # the demo model, full fine-tuning, fp32, 4 timed steps (~8 min on 2 cores)
     python bench/sft.py --n 24 --batch-size 4 --micro 2 --steps 1 --max-len 64 --threads 1   # smoke test
     python bench/sft.py --device cuda --dtype bf16 --shape 7b --lora-rank 16 --tokenizer DIR   # a GPU
 """
@@ -124,7 +124,9 @@ def main():
                    help="JSON list (or JSONL) of {instruction, input, output} pairs")
     p.add_argument("--n", type=int, default=512, help="pairs sampled from --data: an epoch of them")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (isheep's --batch-size)")
-    p.add_argument("--grad-accum", type=int, default=1, help="isheep's --grad-accum: packed rows per step")
+    p.add_argument("--grad-accum", type=int, default=4, help="isheep's --grad-accum: packed rows per step, and the "
+                   "micro-batches of the same steps padded (1, isheep's default, pads 16 examples at once: over 20 GB "
+                   "on the CPU)")
     p.add_argument("--micro", type=int, default=4, help="examples per micro-batch of the shuffled padded baseline")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method, after 1 untimed warm-up step")
     p.add_argument("--max-len", type=int, default=1024, help="tokenize_pair's max_len")
