@@ -57,14 +57,25 @@ def useful(row, eos):
     return next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
 
 
-def run_isheep(model, tok, prompts, batch_tokens, trace=None, **kw):
+def run_isheep(model, tok, prompts, batch_tokens, trace=None, captures=None, **kw):
     """isheep.generate over all prompts: (results by index, seconds, tokens). trace, a list, gets every window of
-    every decode (from this isheep's decode, if it records them)."""
+    every decode (from this isheep's decode, if it records them); captures, a list, the seconds of each CUDA graph
+    capture (part of the time: a decode captures each row count it steps at)."""
     from accelerate import Accelerator
     acc = Accelerator(cpu=model.device.type == "cpu")
-    decode = isheep.decode
+    decode, capture = isheep.decode, getattr(isheep, "capture", None)
     if trace is not None and "trace" in inspect.signature(decode).parameters:
         isheep.decode = lambda *a, **k: decode(*a, trace=trace, **k)
+    if captures is not None and capture is not None:
+        def timed_capture(*a, **k):
+            sync(model.device)
+            t0 = time.perf_counter()
+            try:
+                return capture(*a, **k)
+            finally:
+                sync(model.device)
+                captures.append(time.perf_counter() - t0)
+        isheep.capture = timed_capture
     if "args" in inspect.signature(isheep.generate).parameters:   # an older isheep: its settings came as args
         kw["args"] = SimpleNamespace(tp=False, gen_batch_tokens=batch_tokens, no_progress=True)
     else:
@@ -75,6 +86,8 @@ def run_isheep(model, tok, prompts, batch_tokens, trace=None, **kw):
             out.update(chunk)
     finally:
         isheep.decode = decode
+        if capture is not None:
+            isheep.capture = capture
     sync(model.device)
     return out, time.perf_counter() - t0, sum(r["tokens"] for r in out.values())
 
@@ -284,10 +297,12 @@ def main():
 
     # Each row: (method, prompts, their prompt tokens, useful new tokens, seconds).
     torch.manual_seed(args.seed)
-    trace = []
-    _, seconds, tokens = run_isheep(model, tok, prompts, args.gen_batch_tokens, trace=trace, seed=args.seed, **kw)
+    trace, captures = [], []
+    _, seconds, tokens = run_isheep(model, tok, prompts, args.gen_batch_tokens, trace=trace, captures=captures,
+                                    seed=args.seed, **kw)
     rows = [("isheep.generate", len(prompts), prompt_tokens, tokens, seconds)]
-    print(f"  isheep.generate: {tokens} tokens in {seconds:.1f} s", flush=True)
+    print(f"  isheep.generate: {tokens} tokens in {seconds:.1f} s" + (f", of which {len(captures)} CUDA graph captures "
+          f"{sum(captures):.2f} s" if captures else ""), flush=True)
     notes, greedy, roof = [], None, None
     if trace:
         bandwidth = copy_bandwidth(args.device)
@@ -360,6 +375,8 @@ def main():
                        ratio_vs_sequential=f"{ours / seq_rate:.3f}" if seq_rate else "-")
         if greedy is not None:
             summary["greedy_ids_match"] = greedy
+    if captures:
+        summary.update(captures=len(captures), capture_s=f"{sum(captures):.3f}")
     summary["peak_gflops"] = f"{peak:.1f}"
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
