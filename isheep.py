@@ -341,15 +341,13 @@ def user_turn(instruction, input=""):
 def format_prompt(tok, instruction, input=""):
     """The one prompt format of steps 3 and 7: the chat template, else PLAIN_TEMPLATE."""
     user = user_turn(instruction, input)
-    if tok.chat_template:
-        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                       add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(user=user)
+    if not tok.chat_template:
+        return PLAIN_TEMPLATE.format(user=user)
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tok, text, raw=False):
-    # A chat template writes its own special tokens; raw text and PLAIN_TEMPLATE get the
-    # tokenizer's usual BOS (if it has one).
+    """A chat template writes its own special tokens; raw text and PLAIN_TEMPLATE get the tokenizer's BOS, if any."""
     return tok(text, add_special_tokens=raw or not tok.chat_template).input_ids
 
 
@@ -360,12 +358,10 @@ def prompt_ids(tok, instruction, input="", reply_start=""):
 
 @functools.cache
 def turn_boundary(tok):
-    """(end_of_turn, special): what the chat template writes between an answer and the next user message, read off
-    the template itself rather than a list of model families. The template renders user, assistant (a marker
-    answer), user; the text between the marker and the next user message is tokenized. end_of_turn: its ids up to
-    and including the first special token (ChatML: <|im_end|>; [INST] templates: </s>), what SFT trains after a
-    response; special: every special id in it, the end of this turn and the start of the next (ChatML: <|im_end|>,
-    <|im_start|>). Without a template, or when the template writes no special token there: ([eos], {eos})."""
+    """(end_of_turn, special), read off what the chat template writes between an answer and the next user message,
+    not off a list of model families. end_of_turn: its ids up to and including the first special token (ChatML:
+    <|im_end|>; [INST]: </s>), what SFT trains after a response; special: its special ids, this turn's end and the
+    next's start (ChatML: <|im_end|>, <|im_start|>). No template, or no special token there: ([eos], {eos})."""
     eos = [tok.eos_token_id]
     if not tok.chat_template:
         return eos, set(eos)
@@ -386,9 +382,8 @@ def turn_boundary(tok):
 
 
 def stop_token_ids(tok, model):
-    """Where generation stops: the tokenizer's and the model's eos, and the chat template's end
-    of turn and start of the next. Qwen base models need the last two: their eos is
-    <|endoftext|>, but their template closes a turn with <|im_end|>."""
+    """Where generation stops: the tokenizer's and the model's eos, and the template's end of turn and start of the
+    next (Qwen base models need those: their eos is <|endoftext|>, their template ends a turn with <|im_end|>)."""
     ids = {tok.eos_token_id} | turn_boundary(tok)[1]
     extra = model.generation_config.eos_token_id
     ids.update(extra if isinstance(extra, list) else [extra])
@@ -555,18 +550,14 @@ def filter_by_threshold(pairs, threshold, assess):
 # Each micro-batch is one packed row: examples back to back, no padding, attention cut at each of them.
 
 def tokenize_pair(tok, pair, max_len):
-    """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too
-    long. The supervised tokens are the response and the template's own end of turn
-    (turn_boundary: <|im_end|> for ChatML, eos without a template), so the model learns to close
-    a turn the way chat tools expect. Prompt and response are tokenized apart and their ids
-    concatenated, so the mask boundary is exact; a response that runs past max_len is truncated
-    (and loses its end of turn)."""
+    """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too long. Supervised: the
+    response and the template's own end of turn (turn_boundary), so the model closes a turn as chat tools expect.
+    Prompt and response are tokenized apart (an exact mask boundary); one cut at max_len loses its end of turn."""
     prompt = prompt_ids(tok, pair["instruction"], pair["input"])
     response = tok(pair["output"], add_special_tokens=False).input_ids + turn_boundary(tok)[0]
     if len(prompt) >= max_len:
         return None
-    ids = (prompt + response)[:max_len]
-    return ids, ([-100] * len(prompt) + response)[:max_len]
+    return (prompt + response)[:max_len], ([-100] * len(prompt) + response)[:max_len]
 
 
 def pack(examples):
@@ -585,10 +576,9 @@ PACKED = "isheep_packed"
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
                      **kwargs):
-    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q,
-    which transformers hands down from the model's call. On a GPU (bf16, Ampere or newer): one call of torch's own
-    FlashAttention, varlen, differentiable; under autocast in its dtype, as SDPA would be (fp32 weights' rotary
-    embedding hands it fp32 queries). Elsewhere: example by example."""
+    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q
+    (from the model's call). A GPU (bf16, Ampere+) makes one call of torch's FlashAttention, varlen, in autocast's
+    dtype as SDPA would (fp32 weights' rotary embedding hands it fp32 queries); elsewhere, example by example."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
     if q.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
@@ -632,12 +622,11 @@ def add_lora(model, rank, alpha):
 
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
-    """One optimizer step on the examples `step` (indices), every rank together. This rank's share (the step sorted
-    by length, dealt in turn) is cut into the accelerator's gradient_accumulation_steps micro-batches, each packed
-    into one row; each adds its summed token cross-entropy, at the supervised positions alone, / the whole step's
-    supervised tokens, so the loss depends on neither the ranks nor the cut. Every rank knows every step: that count
-    needs no communication, and nothing here waits on the GPU. Returns (this rank's part of the step's loss, a
-    device scalar; the gradient norm; this rank's tokens)."""
+    """One optimizer step on the examples `step` (indices), every rank together. This rank's share (sorted by length,
+    dealt in turn) is cut into gradient_accumulation_steps micro-batches, a packed row each, whose summed loss at the
+    supervised positions is divided by the whole step's supervised tokens: the loss depends on neither the ranks nor
+    the cut, and that count, known to every rank, needs no communication and no wait on the GPU. Returns (this rank's
+    part of the loss, a device scalar; the gradient norm; this rank's tokens)."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -721,11 +710,9 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
 
 
 def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
-    """Write the full model as from_pretrained reads it, each LoRA pair folded into its base weight (in fp32):
-    safetensors shards planned as save_pretrained plans them, each gathered (under FSDP every rank takes part),
-    merged and written in turn, so the main process holds one shard beside its own copy of the model, if it has
-    one; then the index, config, generation config and tokenizer. All of it goes to save_dir.tmp, renamed once
-    complete."""
+    """Write the full model as from_pretrained reads it, each LoRA pair folded into its base weight (in fp32): shards
+    planned as save_pretrained plans them, each gathered (under FSDP by every rank), merged and written in turn, so
+    the main process holds one shard at a time; then index, configs, tokenizer. All in save_dir.tmp, renamed whole."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -1357,11 +1344,10 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
     ranks (under --tp all run each), which make the same calls to gather_object, so none can hang."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
-    done = done or {}
     eos = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     budget = batch_token_budget(model, batch_tokens, tp)
-    units = [u for u in generation_units(prompts, max_new_tokens, budget) if not all(i in done for i in u)]
+    units = [u for u in generation_units(prompts, max_new_tokens, budget) if any(i not in (done or ()) for i in u)]
     world, rank = (1, 0) if tp else (acc.num_processes, acc.process_index)
     bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item", disable=not acc.is_main_process or not progress,
                dynamic_ncols=True)
@@ -1388,8 +1374,7 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
 
 def batch_token_budget(model, batch_tokens=None, tp=False):
     """Tokens of KV cache a decode may hold (slots x columns): batch_tokens, or what 70% of a GPU's memory beside the
-    weights holds (allocated up front), or a quarter of a CPU's RAM (committed as rows write it). A token costs 2 (K,
-    V) x layers x kv_heads x head_dim x bytes, /N under --tp (Qwen1.5-72B: 2.6 MB; 7B: 0.5 MB; SmolLM2-135M: 23 kB)."""
+    weights holds (allocated up front), or a quarter of a CPU's RAM (committed as rows write it)."""
     if batch_tokens:
         return batch_tokens
     c = model.config.get_text_config()
@@ -1439,13 +1424,11 @@ class Row:
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
            on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """Continuous batching of prompts (token id lists) on one SlotCache, three phases over and over: rows that ended
-    leave (evict); waiting prompts, shortest first, fill free slots (admit: a prefill); the rows take a window of
-    steps (step). Item i draws from random.Random(seeds[i]). gpu (default: on a GPU): windows of SYNC_EVERY steps on
-    a few row counts, each captured as a CUDA graph if `graphs`; tp: the ranks decode in lockstep. trace, a list,
-    gets each window's (steps, rows fed, rows' lengths). Returns (new tokens, finished) per prompt."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    """(new tokens, finished) per prompt: continuous batching on one SlotCache, where rows that ended leave (evict),
+    waiting prompts fill free slots, shortest first (admit: a prefill), and the rows take a window of steps (step).
+    Item i draws from random.Random(seeds[i]). gpu (default: on a GPU): SYNC_EVERY steps a window on a few row counts,
+    as CUDA graphs if `graphs`; tp: ranks in lockstep; trace (a list) gets each window's (steps, rows fed, lengths)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     device = model.device
     gpu = device.type == "cuda" if gpu is None else gpu
     window = SYNC_EVERY if gpu else 1
@@ -1472,10 +1455,9 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         holes, movers = [r for r in range(len(kept)) if running[r].ended], [r for r in kept if r >= len(kept)]
         if movers:
             cache.move(movers, holes, max(len(running[r].prompt) + len(running[r].new) for r in movers))
-        order = list(range(len(kept)))
         for h, m in zip(holes, movers):
-            order[h] = m
-        running[:] = [running[r] for r in order]
+            running[h] = running[m]
+        del running[len(kept):]
 
     def admit():
         """Waiting prompts fill the free slots, prefilled in groups that pad no prompt past 1.25x its length (+8)."""
@@ -1570,8 +1552,7 @@ class SlotCache:
             width = keys.shape[2]
             index = (shift[:, None] + torch.arange(width, device=shift.device)).clamp(max=width - 1)
             index = index[:, None, :, None].expand_as(keys)
-            k[slots, :width] = keys.gather(2, index).transpose(1, 2)
-            v[slots, :width] = values.gather(2, index).transpose(1, 2)
+            k[slots, :width], v[slots, :width] = (t.gather(2, index).transpose(1, 2) for t in (keys, values))
             return keys, values   # the prompts attend their own keys, under the prefill's mask
         n = len(keys)
         k[self.rows[:n], self.pos[:n]], v[self.rows[:n], self.pos[:n]] = keys[:, :, 0], values[:, :, 0]
@@ -1622,13 +1603,10 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: 
     return out.view(n, group, kv_heads, dim).transpose(1, 2).reshape(n, heads, dim)
 
 
-ATTENTION = "isheep_slots"
-
-
 @contextlib.contextmanager
 def slot_attention(model, cache):
-    """For one decode the model attends with ATTENTION, whatever it was loaded with: a prefill (which passes a mask)
-    through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own attention is back."""
+    """For one decode the model attends with "isheep_slots", whatever it was loaded with: a prefill (which passes a
+    mask) through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own is back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -1637,9 +1615,9 @@ def slot_attention(model, cache):
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return attend(query[:, :, 0], key, value, cache.pos[:len(query)] + 1, scaling)[:, None], None
 
-    AttentionInterface.register(ATTENTION, attention)   # no mask function: transformers makes no mask for a step
+    AttentionInterface.register("isheep_slots", attention)   # no mask function: transformers makes no mask for a step
     own = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION)
+    model.set_attn_implementation("isheep_slots")
     try:
         yield
     finally:
@@ -1658,9 +1636,8 @@ def decode_step(model, cache, temperature, top_p, cascade=True):
 
 
 def sample(logits, temperature, top_p, uniforms, cascade=True):
-    """Next tokens: greedy at temperature 0, else nucleus sampling (the smallest set of tokens whose probability
-    reaches top_p; no top-k, as in the paper) by inverse CDF of each row's own draw. cascade=False sorts the whole
-    vocabulary: the same shapes every step, as a graph needs; a CPU (1.5 ms a row for 49k) looks at the top 64 first."""
+    """Next tokens: greedy at temperature 0, else nucleus sampling (no top-k, as in the paper) by inverse CDF of each
+    row's own draw; cascade=False sorts the whole vocabulary (a graph's fixed shapes), else the top 64 go first."""
     if temperature == 0:
         return logits.argmax(-1)
     if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
