@@ -375,10 +375,8 @@ def turn_boundary(tok):
     between = text.split("<<ANSWER>>")[-1].split("<<NEXT>>")[0]
     ids = tok(between, add_special_tokens=False).input_ids
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    first = next((k for k, i in enumerate(ids) if i in special), None)
-    if first is None:
-        return eos, set(eos)
-    return ids[:first + 1], {i for i in ids if i in special}
+    ends = [k for k, i in enumerate(ids) if i in special]
+    return (ids[:ends[0] + 1], {ids[k] for k in ends}) if ends else (eos, set(eos))
 
 
 def stop_token_ids(tok, model):
@@ -412,9 +410,8 @@ def synthesis_prompt(examples):
 
 
 def parse_tasks(completion, first_number, cut_off):
-    """(instruction, input) pairs from a continued task list. A task ends at the next "Task N"
-    line or blank line; when the length limit cut the list, its unterminated last task may be
-    truncated and is dropped. Whatever the model rambles after a task is ignored."""
+    """(instruction, input) pairs from a continued task list. A task ends at the next "Task N" line or blank line; an
+    unterminated last task of a list the length limit cut is dropped; rambling after a task is ignored."""
     text = f"Task {first_number}\nInstruction:" + completion
     blocks = re.split(r"^\s*Task \d+\s*$", text, flags=re.MULTILINE)[1:]
     tasks = []
@@ -430,10 +427,9 @@ def parse_tasks(completion, first_number, cut_off):
 
 
 def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
-    """Prompt the model with FEW_SHOT random seeds per prompt until `args.num_instructions`
-    instructions survive the rules and dedup, or args.max_attempts prompts have been tried.
-    Prompts are built and generated in waves; everything is a function of (seed, round,
-    prompt index), so a resumed run makes the same prompts and keeps the same tasks."""
+    """Prompt the model with FEW_SHOT random seeds per prompt until `args.num_instructions` instructions survive the
+    rules and dedup, or args.max_attempts prompts have been tried. Prompts are built and generated in waves; all is a
+    function of (seed, round, prompt index), so a resumed run makes the same prompts and keeps the same tasks."""
     target, cap = args.num_instructions, args.max_attempts
     prompts, kept = [], []
     stats = dict(prompts=0, parsed=0, rules=0, dedup=0)
@@ -470,8 +466,7 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
 
 
 def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
-    """Answer every task zero-shot in the training format; return the pairs that pass the
-    response rules, with the counts of the funnel."""
+    """Answer every task zero-shot in the training format: the pairs that pass the response rules, and the counts."""
     prompts = [prompt_ids(tok, t["instruction"], t["input"]) for t in tasks]
     fits = [i for i, p in enumerate(prompts) if len(p) < args.max_len]
     done = generate_stage(path, model, tok, [prompts[i] for i in fits], acc=acc, args=args,
@@ -493,9 +488,8 @@ NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def parse_score(reply):
-    """The score in a judge's reply, 1..10, or None. The first number counts, after scale
-    phrases ("1 to 10", "/10", "out of 10") are removed: '8/10' -> 8, "I'd say 7.5" -> 7.5,
-    '11', '0' and 'no idea' -> None."""
+    """The score in a judge's reply, 1..10, or None. The first number counts, after scale phrases ("1 to 10", "/10",
+    "out of 10") are removed: '8/10' -> 8, "I'd say 7.5" -> 7.5, '11', '0' and 'no idea' -> None."""
     m = NUMBER_RE.search(SCALE_RE.sub(" ", reply))
     if m is None:
         return None
@@ -529,9 +523,8 @@ def score_keys(assess):
 
 
 def training_record(pair):
-    """A kept pair as train.jsonl holds it: Alpaca fields and scores (LLaMA-Factory reads them), and
-    the conversation in TRL's prompt-completion form (SFTTrainer reads it, and by default trains
-    on the completion alone, as I-SHEEP does)."""
+    """A kept pair as train.jsonl holds it: Alpaca fields and scores (LLaMA-Factory reads them), and the conversation
+    in TRL's prompt-completion form (SFTTrainer reads it and by default trains on the completion alone, as we do)."""
     fields = ["instruction", "input", "output"] + score_keys("both")
     return dict({k: pair[k] for k in fields if k in pair},
                 prompt=[{"role": "user", "content": user_turn(pair["instruction"], pair["input"])}],
@@ -623,10 +616,9 @@ def add_lora(model, rank, alpha):
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
     """One optimizer step on the examples `step` (indices), every rank together. This rank's share (sorted by length,
-    dealt in turn) is cut into gradient_accumulation_steps micro-batches, a packed row each, whose summed loss at the
-    supervised positions is divided by the whole step's supervised tokens: the loss depends on neither the ranks nor
-    the cut, and that count, known to every rank, needs no communication and no wait on the GPU. Returns (this rank's
-    part of the loss, a device scalar; the gradient norm; this rank's tokens)."""
+    dealt in turn) is cut into gradient_accumulation_steps packed rows, each summed loss divided by the whole step's
+    supervised tokens (known to every rank: no communication, no wait on the GPU), so neither ranks nor cut change
+    the loss. Returns (this rank's part of the loss, a device scalar; the gradient norm; this rank's tokens)."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -653,9 +645,8 @@ def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
 
 
 def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
-    """Fine-tune model_ref on pairs; save the merged model to save_dir. Returns the mean loss
-    of each optimizer step (identical on every rank). Steps are tracked from first_step on, so
-    the rounds' curves sit side by side on one axis."""
+    """Fine-tune model_ref on pairs; save the merged model to save_dir. Returns (each step's mean loss, the same on
+    every rank; the count of pairs too long to train on). Steps are tracked from first_step, so rounds share an axis."""
     from tqdm.auto import tqdm
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
     if not examples:
@@ -822,9 +813,9 @@ def check_model(ref, args):
 
 
 def load_model(ref, args, acc, *, training=False):
-    """Weights in bf16 on GPUs that support it, else fp32. A generation model is a full copy
-    per rank (data parallel) or, with --tp, sliced across ranks by transformers' tp_plan.
-    A training model stays on CPU until prepare() places (or shards) it, and attends packed rows (packed_attention)."""
+    """Weights in bf16 on GPUs that support it, else fp32. A generation model is a copy per rank or, with --tp,
+    sliced across ranks (tp_plan). A training model stays on CPU until prepare() places or shards it, and attends
+    packed rows (packed_attention)."""
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     path, gguf = ref
@@ -838,9 +829,8 @@ def load_model(ref, args, acc, *, training=False):
         kw.update(device_map={"": acc.device})
     plugin = getattr(acc.state, "fsdp_plugin", None)
     if training and plugin is not None and plugin.cpu_ram_efficient_loading:
-        # Only rank 0 reads the weights; prepare() broadcasts them into each rank's shards
-        # (72B in bf16 is 145 GB: a copy per rank would not fit in a node's RAM). The other ranks
-        # build the model with its parameters on the meta device, its buffers (rotary) real.
+        # Only rank 0 reads the weights (145 GB at 72B: a copy per rank would not fit a node's RAM); prepare()
+        # broadcasts them into each rank's shards. The others build it with parameters on the meta device, buffers real.
         print0(f"loading {gguf or path} on rank 0 alone; the other {acc.num_processes - 1} ranks wait for its weights")
         if not acc.is_main_process:
             from accelerate import init_empty_weights
@@ -852,21 +842,17 @@ def load_model(ref, args, acc, *, training=False):
             return model
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if gguf:   # GGUF weights arrive dequantized, but the quantizer marker blocks save_pretrained
-        model.hf_quantizer = None
-        model.config.quantization_config = None
+        model.hf_quantizer = model.config.quantization_config = None
         if hasattr(model, "is_quantized"):
             model.is_quantized = False
-    if not training:
-        model.eval()
-    return model
+    return model if training else model.eval()
 
 
-def free_memory(acc, *objs):
-    acc.free_memory(*objs)
+def free_memory(acc):
+    acc.free_memory()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
 
 
 # -----------------------------------------------------------------------------
@@ -979,10 +965,7 @@ def heldout_nll(model, tok, seeds, max_len):
     """Mean per-token negative log-likelihood of the seeds' own reference outputs (+ end of turn):
     judge-free and deterministic. Token-weighted over all held-out seeds."""
     total, count = 0.0, 0
-    for s in seeds:
-        example = tokenize_pair(tok, s, max_len) if s["output"] else None
-        if example is None:
-            continue
+    for example in [e for e in (tokenize_pair(tok, s, max_len) for s in seeds if s["output"]) if e is not None]:
         ids, labels = (torch.tensor([x], device=model.device) for x in example)
         logits = model(input_ids=ids).logits[0, :-1].float()
         total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
@@ -991,9 +974,8 @@ def heldout_nll(model, tok, seeds, max_len):
 
 
 def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
-    """Held-out evaluation of round rnd's model (round 0: the base model). It answers the held-out
-    seed tasks greedily in the training format; the base model judges the answers (a fixed judge,
-    so rounds compare); and the NLL of the seeds' reference outputs is measured."""
+    """Held-out evaluation of round rnd's model (round 0: the base model): its greedy answers to the held-out seed
+    tasks, judged by the base model (a fixed judge, so rounds compare), and the NLL of the seeds' reference outputs."""
     rdir = Path(args.out) / f"round_{rnd}"
     path = rdir / "eval.json"
     saved = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -1019,7 +1001,7 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
     free_memory(acc)
     result = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1))
     for aspect, (_, key) in ASPECTS.items():
-        values = scores(scored, key)
+        values = [p[key] for p in scored if p.get(key) is not None]
         result[f"eval_{aspect}"] = round(sum(values) / len(values), 2) if values else None
         result[f"eval_{aspect}_parsed"] = round(len(values) / len(scored), 2)
     if acc.is_main_process:
@@ -1027,15 +1009,11 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
     return result
 
 
-def scores(scored, key):
-    return [p[key] for p in scored if p.get(key) is not None]
-
-
 def score_summary(scored):
     """Mean scores and the share of pairs scoring above 8 (the paper's Figure 4)."""
     out = {}
     for key in score_keys("both"):
-        if values := scores(scored, key):
+        if values := [p[key] for p in scored if p.get(key) is not None]:
             out[f"mean_{key}"] = round(sum(values) / len(values), 2)
             out[f"share_{key}_above_8"] = round(sum(v > 8 for v in values) / len(values), 3)
     return out
@@ -1181,10 +1159,9 @@ RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and r
 
 
 def claim_out(args, acc):
-    """Make --out this run's own. Refuse a file or a folder of something else; lock it, so a
-    second run on it stops at once; refuse a run with other settings (run.json); write run.json.
-    The lock is flock on out/.lock, held by the main process until it exits: the kernel drops it
-    when the process dies, so even a kill -9 leaves no stale lock. Returns the lock's open file."""
+    """Make --out this run's own. Refuse a file or a folder of something else; lock it, so a second run on it stops
+    at once; refuse a run with other settings (run.json); write run.json. The lock is flock on out/.lock, held by the
+    main process: the kernel drops it when the process dies, so a kill -9 leaves no stale lock. Returns its file."""
     out = Path(args.out)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
     args.run_id = uuid.uuid4().hex[:12]   # the trackers' id of this run, kept in run.json across resumes
@@ -1241,9 +1218,8 @@ def stop_on_signal(signum, frame):
 
 
 def main(argv=None):
-    """Run I-SHEEP. Ctrl-C, SIGTERM (what Slurm and Kubernetes send before SIGKILL), a full disk
-    or a refused write end the run in one line that says what to do. Files are then as a
-    kill -9 would leave them, whole or ignorable, so the same command resumes."""
+    """Run I-SHEEP. Ctrl-C, SIGTERM (what Slurm and Kubernetes send before SIGKILL), a full disk or a refused write end
+    the run in one line that says what to do. Files are then as a kill -9 leaves them, so the same command resumes."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop_on_signal)
     try:
@@ -1329,7 +1305,6 @@ def run(args):
 
 # =============================================================================
 # Appendix: the generation engine. A reader of the method may stop here.
-#
 # generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a time. It
 # promises: item i's tokens depend on (seed, i) alone, as it draws from its own random stream (up to floating-point
 # rounding, which a batch's shape can change), so a resumed or an N-process run writes the same data; a row ends at
@@ -1582,8 +1557,7 @@ class SlotCache:
             t[dst] = t[src]
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
-           scale: float | None) -> torch.Tensor:
+def attend(query, keys, values, used, scale):
     """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys and
     values (slots x columns x kv_heads x head_dim). A GPU runs one kernel bounded by `used` (memory-efficient attention,
     the heads of a KV head packed as one sequence), which a graph replays with new lengths; a CPU a call per row."""
@@ -1663,8 +1637,7 @@ def nucleus_draw(probs, order, uniforms, top_p):
 
 
 def graph_rows(rows, slots):
-    """Rows rounded up, so a few graphs serve a decode: to a power of 2 (to 16), a multiple of 16 (to 255), then of
-    an eighth of the power of 2 below (at most 1/8 spare)."""
+    """Rows rounded up, so few graphs serve a decode: a power of 2 to 16, a multiple of 16 to 255, then <= 1/8 spare."""
     step = 1 << max(4, rows.bit_length() - 4)
     return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
 
