@@ -1557,7 +1557,8 @@ class SlotCache:
             t[dst] = t[src]
 
 
-def attend(query, keys, values, used, scale):
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+           scale: float | None) -> torch.Tensor:   # typed, so torch.library.custom_op can wrap it (as a test does)
     """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys and
     values (slots x columns x kv_heads x head_dim). A GPU runs one kernel bounded by `used` (memory-efficient attention,
     the heads of a KV head packed as one sequence), which a graph replays with new lengths; a CPU a call per row."""
