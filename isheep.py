@@ -1456,7 +1456,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         del waiting[:fit]
 
     def step():
-        steps = min(window, max(row.limit - len(row.new) for row in running))   # the judge's 10: prefill, 8, 1
+        steps = min(window, max(row.limit - len(row.new) for row in running if not row.ended))   # judge: prefill, 8, 1
         n = len(running)
         cache.batch = graph_rows(n, cache.slots) if gpu else n
         cache.pos[n:cache.batch] = 0   # a graph's spare rows write and read one column of a free slot
@@ -1476,7 +1476,8 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         if graphs and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
             torch.distributed.all_reduce(torch.ones(1, device=device))
         for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
-            take(row, tokens)
+            if not row.ended:   # a row that ended at its first token, in admit, only waits for evict
+                take(row, tokens)
 
     def try_capture():
         """Capture this row count's step (a prefill has set NCCL up). Under --tp all ranks keep graphs or none."""

@@ -688,6 +688,25 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny, gpu, budget
         assert row == alone and end == (alone[-1] == tok.eos_token_id)
 
 
+def test_a_row_that_ends_at_its_first_token_stays_ended_while_the_others_step():
+    """A row's first token is drawn with its prefill and can end it (eos, a stop string, a cap of 1): it stays that
+    one token, finished, while the rows beside it go on stepping, on a CPU's way and a GPU's (windows of steps)."""
+    from transformers import LlamaForCausalLM
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tok)).eval()
+    prompts = [isheep.prompt_ids(tok, q) for q in ["Name a color.", "Write about seas for poets."]]
+    kw = dict(budget=4096, max_new_tokens=12, temperature=0, top_p=1.0, pad=tok.pad_token_id)
+    with torch.no_grad():
+        free, _ = isheep.decode(model, tok, prompts, [0, 0], eos=[-1], **kw)
+        first = free[0][0]
+        assert first != free[1][0]
+        expected = free[1][:free[1].index(first) + 1] if first in free[1] else free[1]
+        for gpu in (False, True):
+            new, finished = isheep.decode(model, tok, prompts, [0, 0], eos=[first], gpu=gpu, **kw)
+            assert new == [[first], expected] and finished[0], gpu
+
+
 def test_each_row_attends_only_its_own_columns(tiny, monkeypatch):
     """One long prompt among short ones: a step hands attend() each row's own length, and each row reads exactly
     that many keys, so the long one widens no other row."""
