@@ -545,7 +545,7 @@ def filter_by_threshold(pairs, threshold, assess):
 def tokenize_pair(tok, pair, max_len):
     """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too long. Supervised: the
     response and the template's own end of turn (turn_boundary), so the model closes a turn as chat tools expect.
-    Prompt and response are tokenized apart (an exact mask boundary); one cut at max_len loses its end of turn."""
+    Prompt and response tokenized apart (an exact mask boundary); a response cut at max_len loses its end of turn."""
     prompt = prompt_ids(tok, pair["instruction"], pair["input"])
     response = tok(pair["output"], add_special_tokens=False).input_ids + turn_boundary(tok)[0]
     if len(prompt) >= max_len:
