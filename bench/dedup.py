@@ -95,8 +95,7 @@ def loop_comparisons(instructions, keep):
     for s in range(0, len(dropped), 256):
         block = dropped[s:s + 256]
         overlap = torch.sparse.mm(x, x.index_select(0, torch.tensor(block)).to_dense().T).T
-        bound = torch.minimum(overlap, torch.minimum(lengths[block, None], lengths[None, :]))
-        maybe = (2 * bound > (THRESHOLD - 1e-6) * (lengths[block, None] + lengths[None, :])) & kept_mask
+        maybe = (2 * overlap > (THRESHOLD - 1e-6) * (lengths[block, None] + lengths[None, :])) & kept_mask
         for row, i in enumerate(block):
             first = next((j for j in maybe[row, :i].nonzero().flatten().tolist()
                           if isheep.rouge_l(toks[i], toks[j]) > THRESHOLD), None)
