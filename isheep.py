@@ -555,20 +555,20 @@ PACKED = "isheep_packed"
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
                      **kwargs):
-    """Causal attention within each example of a packed row, cut at cu_seq_lens_q: on a GPU (bf16, Ampere+) one
-    varlen FlashAttention call in autocast's dtype, as SDPA would (fp32 rotary makes fp32 queries); else per example."""
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # tokens x heads x head_dim
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-    if q.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0):
+    """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q: on
+    a GPU (bf16, Ampere+) one varlen FlashAttention call in autocast's dtype, as SDPA would (fp32 rotary makes fp32
+    queries); elsewhere a call per example, split off along the tokens (a split's backward is one cat)."""
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if query.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(query.device) >= (8, 0):
+        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))   # tokens x heads x head_dim
         cu, n = cu_seq_lens_q, max_length_q
-        q, k, v = (t.to(dtype) for t in (q, k, v))
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scaling)[0]
         return out[None], None
-    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))   # GQA: a KV head per query head
-    bounds = cu_seq_lens_q.tolist()
-    out = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
-                                          scale=scaling)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(out)[None], None
+    group = query.shape[1] // key.shape[1]   # GQA: each KV head repeated for its query heads
+    k, v = (t[0].transpose(0, 1).repeat_interleave(group, 1).transpose(0, 1)[None] for t in (key, value))
+    parts = zip(*(t.split(cu_seq_lens_q.diff().tolist(), 2) for t in (query, k, v)))
+    out = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scaling) for qkv in parts], 2)
+    return out.transpose(1, 2), None
 
 
 class LoRALinear(nn.Module):
@@ -640,9 +640,8 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
         model.config.use_cache = False
     if args.lora_rank:
         torch.manual_seed(seed_for(args.seed, rnd, "lora"))   # the same LoRA init in a resumed run
-        trainable = add_lora(model, args.lora_rank, args.lora_alpha)
-    else:
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        add_lora(model, args.lora_rank, args.lora_alpha)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
     warmup = min(args.warmup_steps, total)
