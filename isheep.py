@@ -601,7 +601,8 @@ def add_lora(model, rank, alpha):
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
     """One optimizer step on the examples `step`, every rank together: this rank's share (dealt by length) in
     gradient_accumulation_steps packed rows, each loss summed over the whole step's supervised tokens, a count every
-    rank knows (no sync), so neither ranks nor cuts change it. (This rank's loss on the device, grad norm, tokens)."""
+    rank knows (no sync), so neither ranks nor cuts change it. Returns this rank's loss (on the device), the grad
+    norm, this rank's tokens."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -769,9 +770,9 @@ def check_model(ref, args):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     path, gguf = ref
-    folder = Path(path)
     if gguf:
         return
+    folder = Path(path)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             die(f"--model {path} has no config.json: a model folder needs config.json and its weights "
@@ -832,7 +833,7 @@ def free_memory(acc):
 # rerun of the same command skips what is complete and resumes what is partial.
 
 # Tracking (--report-to): accelerate's trackers, fed by the main process alone, so no rank waits on them. A resumed
-# run redoes the stage it was in; out/tracking/logged.json keeps the key of all they got, so none comes twice.
+# run redoes the stage or the SFT it was in; out/tracking/logged.json keeps the key of all they got: none comes twice.
 LOGGED = {"path": None, "keys": set()}
 
 
@@ -1049,10 +1050,10 @@ def parse_args(argv=None):
     g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
     g.add_argument("--num-instructions", type=int, default=10000,
                    help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
-    g.add_argument("--max-attempts", type=int, help="prompts tried per round before giving up (default: "
-                                                    "num-instructions/2)")
-    g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 keep scores > C "
-                                                              "(paper: 8)")
+    g.add_argument("--max-attempts", type=int,
+                   help="prompts tried per round before giving up (default: num-instructions/2)")
+    g.add_argument("--threshold", type=float, default=8,
+                   help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
     g.add_argument("--assess", choices=["both", *ASPECTS], default="both", help="scores that must pass C (paper: both)")
     g.add_argument("--judge", choices=["base", "current"], default="base", help="who scores: the base model, as in "
                    "the authors' code, or the current model, as the paper's text reads")
@@ -1078,19 +1079,19 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (update = alpha/rank * BA)")
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
-    g.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, all processes together "
-                                                              "(paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="packed rows per process per step: more saves memory, "
-                                                             "same result")
-    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps before the cosine decay (paper: "
-                                                                "20)")
-    g.add_argument("--max-len", type=int, default=2048, help="longest prompt + response in tokens; longer prompts are "
-                                                             "skipped and counted")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step, all processes together (paper: 16)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="packed rows per process per step: more saves memory, same result")
+    g.add_argument("--warmup-steps", type=int, default=20,
+                   help="linear warmup steps before the cosine decay (paper: 20)")
+    g.add_argument("--max-len", type=int, default=2048,
+                   help="longest prompt + response in tokens; longer prompts are skipped and counted")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
     g = p.add_argument_group("Runtime")
-    g.add_argument("--seed", type=int, default=42, help="seed of every random choice; a resumed run repeats an "
-                                                        "uninterrupted one")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of every random choice; a resumed run repeats an uninterrupted one")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank may wait in a collective (for "
                    "rank 0 to load or write a model) before the run ends")
@@ -1464,6 +1465,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
             admit()
             if any(not row.ended for row in running):
                 step()
+
 
 class SlotCache:
     """A decode's KV cache, which attention layers write through update() as a transformers Cache: per layer, keys
