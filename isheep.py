@@ -1332,11 +1332,12 @@ def generation_units(prompts, max_new_tokens, budget):
     decoded on one rank and saved when it ends. Only the prompts decide, so the units are the same for any ranks."""
     units, size = [], 0
     for i in sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)):
-        if not units or size + len(prompts[i]) + max_new_tokens > 4 * budget:
+        cost = len(prompts[i]) + max_new_tokens
+        if not units or size + cost > 4 * budget:
             units.append([])
             size = 0
         units[-1].append(i)
-        size += len(prompts[i]) + max_new_tokens
+        size += cost
     return units
 
 
@@ -1382,10 +1383,12 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
 
     def take(row, tokens):   # up to the row's end: a stop token, its limit, or the token completing a stop string
         for t in tokens:
+            if row.ended:   # also a row that ended at its first token, in admit: a window's tokens are not its own
+                return
             row.new.append(t)
             row.finished = t in eos or any(s in tok.decode(row.new[-9:]) for s in stop_strings)
             if row.ended:
-                return on_finish()
+                on_finish()
 
     def evict():   # rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full
         kept = [r for r, row in enumerate(running) if not row.ended]
@@ -1437,8 +1440,7 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
         if graphs and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
             torch.distributed.all_reduce(torch.ones(1, device=device))
         for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
-            if not row.ended:   # a row that ended at its first token, in admit, only waits for evict
-                take(row, tokens)
+            take(row, tokens)
 
     def try_capture():   # this row count's step (a prefill has set NCCL up); under --tp all ranks keep graphs or none
         nonlocal graphs
