@@ -187,8 +187,7 @@ def load_seeds(path):
             die(f"{path} line {n} has no 'instruction'; each line needs at least that field")
         first = (row.get("instances") or [{}])[0]
         seeds.append(dict(instruction=row["instruction"].strip(),
-                          input=str(row.get("input", first.get("input", "")) or "").strip(),
-                          output=str(row.get("output", first.get("output", "")) or "").strip()))
+                          **{k: str(row.get(k, first.get(k, "")) or "").strip() for k in ("input", "output")}))
     if len(seeds) < FEW_SHOT:
         die(f"{path} holds {len(seeds)} seed tasks; the few-shot prompt needs at least {FEW_SHOT}")
     return seeds
@@ -277,8 +276,7 @@ def rouge_l(a, b):
         for j, y in enumerate(b):
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
+    if (lcs := prev[-1]) == 0:
         return 0.0
     p, r = lcs / len(b), lcs / len(a)
     return 2 * p * r / (p + r)
@@ -309,8 +307,7 @@ def rouge_dedup(candidates, references, threshold=0.7):
     kept = torch.arange(n) < n_ref   # the references, then each candidate once it is kept
     for start in range(n_ref, n, 256):   # candidates in blocks
         stop = min(start + 256, n)
-        dense = x.index_select(0, torch.arange(start, stop)).to_dense()      # (b, features)
-        overlap = torch.sparse.mm(x, dense.T).T                                # (b, n): |a & b| >= LCS(a, b)
+        overlap = torch.sparse.mm(x, x.index_select(0, torch.arange(start, stop)).to_dense().T).T   # (b, n): |a & b|
         # F = 2*lcs/(len_a+len_b); a small slack keeps float rounding on the safe side
         maybe = 2 * overlap > (threshold - 1e-6) * (lengths[start:stop, None] + lengths[None, :])
         for i in range(start, stop):
@@ -360,8 +357,7 @@ def turn_boundary(tok):
         text = tok.apply_chat_template(turns, tokenize=False)
     except TemplateError:   # a template that refuses a second user turn: what follows the answer
         text = tok.apply_chat_template(turns[:2], tokenize=False) + "<<NEXT>>"
-    between = text.split("<<ANSWER>>")[-1].split("<<NEXT>>")[0]
-    ids = tok(between, add_special_tokens=False).input_ids
+    ids = tok(text.split("<<ANSWER>>")[-1].split("<<NEXT>>")[0], add_special_tokens=False).input_ids
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     ends = [k for k, i in enumerate(ids) if i in special]
     return (ids[:ends[0] + 1], {ids[k] for k in ends}) if ends else (eos, set(eos))
@@ -370,9 +366,8 @@ def turn_boundary(tok):
 def stop_token_ids(tok, model):
     """Where generation stops: both eos ids, and the template's turn boundary (a Qwen base model's eos is
     <|endoftext|>, but its template ends a turn with <|im_end|>)."""
-    ids = {tok.eos_token_id} | turn_boundary(tok)[1]
     extra = model.generation_config.eos_token_id
-    ids.update(extra if isinstance(extra, list) else [extra])
+    ids = {tok.eos_token_id, *turn_boundary(tok)[1], *(extra if isinstance(extra, list) else [extra])}
     return sorted(i for i in ids if i is not None)
 
 
@@ -392,36 +387,28 @@ def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
 
 
 def synthesis_prompt(examples):
-    text = SYNTH_HEADER + "".join(SYNTH_TASK.format(n=n, instruction=e["instruction"], input=e["input"] or "<noinput>")
-                                  for n, e in enumerate(examples, 1))
-    return text + f"Task {len(examples) + 1}\nInstruction:"
+    return SYNTH_HEADER + "".join(SYNTH_TASK.format(n=n, instruction=e["instruction"], input=e["input"] or "<noinput>")
+                                  for n, e in enumerate(examples, 1)) + f"Task {len(examples) + 1}\nInstruction:"
 
 
 def parse_tasks(completion, first_number, cut_off):
     """(instruction, input) pairs from a continued task list. A task ends at the next "Task N" line or blank line; an
     unterminated last task of a list the length limit cut is dropped; rambling after a task is ignored."""
     text = f"Task {first_number}\nInstruction:" + completion
-    blocks = re.split(r"^\s*Task \d+\s*$", text, flags=re.MULTILINE)[1:]
-    tasks = []
-    for n, block in enumerate(blocks, 1):
-        block = block.strip("\n")
-        if n == len(blocks) and cut_off and "\n\n" not in block:
-            break
-        m = re.match(r"\s*Instruction:\s*(.*?)\s*\nInput:[ \t]*(.*)", block.split("\n\n")[0], re.DOTALL)
-        if m and m.group(1):
-            inp = m.group(2).strip()
-            tasks.append(dict(instruction=m.group(1), input="" if inp == "<noinput>" else inp))
-    return tasks
+    blocks = [b.strip("\n") for b in re.split(r"^\s*Task \d+\s*$", text, flags=re.MULTILINE)[1:]]
+    if cut_off and "\n\n" not in blocks[-1]:
+        blocks.pop()
+    found = [re.match(r"\s*Instruction:\s*(.*?)\s*\nInput:[ \t]*(.*)", b.split("\n\n")[0], re.DOTALL) for b in blocks]
+    return [dict(instruction=m[1], input="" if m[2].strip() == "<noinput>" else m[2].strip())
+            for m in found if m and m[1]]
 
 
 def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
     """Prompt the model with FEW_SHOT random seeds per prompt, in waves, until args.num_instructions instructions pass
     the rules and dedup or args.max_attempts prompts are tried. Prompt k is a function of (seed, round, k): a resumed
     run makes the same prompts and keeps the same tasks."""
-    target, cap = args.num_instructions, args.max_attempts
-    prompts, kept = [], []
+    target, cap, prompts, kept = args.num_instructions, args.max_attempts, [], []
     stats = dict(prompts=0, parsed=0, rules=0, dedup=0)
-    use_rules = args.threshold >= 0   # C = -1: raw generated data, no rules of any kind
     while len(kept) < target and len(prompts) < cap:
         per_prompt = max(stats["dedup"] / len(prompts), 1.0) if prompts else 8.0
         wave = min(cap - len(prompts), max(1, math.ceil(1.2 * (target - len(kept)) / per_prompt)))
@@ -435,7 +422,7 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
                               stop_strings=[f"Task {STOP_AT_TASK}"], seed=(args.seed, rnd, "synth", start))
         tasks = [t for r in done for t in parse_tasks(r["text"], FEW_SHOT + 1, not r["finished"])]
         stats["parsed"] += len(tasks)
-        if use_rules:
+        if args.threshold >= 0:   # C = -1: raw generated data, no rules of any kind
             tasks = [t for t in tasks if instruction_rule_broken(t) is None]
             stats["rules"] += len(tasks)
             keep = rouge_dedup([t["instruction"] for t in tasks], references + [t["instruction"] for t in kept])
@@ -461,11 +448,9 @@ def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
                           desc=f"round {rnd} responses", max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=(args.seed, rnd, "responses"))
     pairs = [dict(tasks[i], output=r["text"].strip(), finished=r["finished"]) for i, r in zip(fits, done)]
-    stats = dict(too_long=len(tasks) - len(fits), answered=len(pairs))
-    if args.threshold >= 0:
-        pairs = [p for p in pairs if response_rule_broken(p) is None]
-    stats["response_rules"] = len(pairs)
-    return [{k: p[k] for k in ("instruction", "input", "output")} for p in pairs], stats
+    kept = [p for p in pairs if args.threshold < 0 or response_rule_broken(p) is None]
+    stats = dict(too_long=len(tasks) - len(fits), answered=len(pairs), response_rules=len(kept))
+    return [{k: p[k] for k in ("instruction", "input", "output")} for p in kept], stats
 
 
 # -----------------------------------------------------------------------------
@@ -478,8 +463,7 @@ NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 def parse_score(reply):
     """The score in a judge's reply, 1..10, or None. The first number counts, after scale phrases ("1 to 10", "/10",
     "out of 10") are removed: '8/10' -> 8, "I'd say 7.5" -> 7.5, '11', '0' and 'no idea' -> None."""
-    m = NUMBER_RE.search(SCALE_RE.sub(" ", reply))
-    if m is None:
+    if (m := NUMBER_RE.search(SCALE_RE.sub(" ", reply))) is None:
         return None
     score = float(m.group())
     return (int(score) if score.is_integer() else score) if 1 <= score <= 10 else None
@@ -494,8 +478,7 @@ def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
                              max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
                              stop_strings=["||"], seed=(args.seed, rnd, "judge"))
     scored = [dict(p) for p in pairs]
-    for a, aspect in enumerate(aspects):
-        key = ASPECTS[aspect][1]
+    for a, key in enumerate(ASPECTS[aspect][1] for aspect in aspects):
         for p, r in zip(scored, replies[a * len(pairs):]):
             p[key], p[key.replace("score", "reply")] = parse_score(r["text"]), r["text"]
     return scored
@@ -513,16 +496,13 @@ def score_keys(assess):
 def training_record(pair):
     """A kept pair as train.jsonl holds it: Alpaca fields and scores (LLaMA-Factory reads them), and the conversation
     in TRL's prompt-completion form (SFTTrainer reads it and by default trains on the completion alone, as we do)."""
-    fields = ["instruction", "input", "output"] + score_keys("both")
-    return dict({k: pair[k] for k in fields if k in pair},
+    return dict({k: pair[k] for k in ["instruction", "input", "output", *score_keys("both")] if k in pair},
                 prompt=[{"role": "user", "content": user_turn(pair["instruction"], pair["input"])}],
                 completion=[{"role": "assistant", "content": pair["output"]}])
 
 
 def filter_by_threshold(pairs, threshold, assess):
-    if threshold < 1:
-        return list(pairs)
-    keys = score_keys(assess)
+    keys = score_keys(assess) if threshold >= 1 else []   # C < 1: no score to pass
     return [p for p in pairs if all(p.get(k) is not None and p[k] > threshold for k in keys)]
 
 
@@ -590,9 +570,8 @@ class LoRALinear(nn.Module):
 def add_lora(model, rank, alpha):
     """Wrap every linear layer inside the transformer blocks (attention and MLP); freeze the rest."""
     model.requires_grad_(False)
-    blocks = model.get_decoder().layers
-    targets = [(parent, name, child) for parent in blocks.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear)]
+    targets = [(parent, name, child) for parent in model.get_decoder().layers.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in targets:
         setattr(parent, name, LoRALinear(child, rank, alpha))
     return [p for n, p in model.named_parameters() if "lora_" in n]
@@ -645,14 +624,9 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
-    warmup = min(args.warmup_steps, total)
-
-    def lr_lambda(step):   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)   # not prepared: it would step per process
+    warmup = min(args.warmup_steps, total)   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (   # not prepared: it would step per process
+        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))))
     model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
     # prepare() maps parameters by data pointer, which all meta tensors share: re-point them on the empty-built ranks
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
@@ -769,16 +743,14 @@ def check_model(ref, args):
     """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of work."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    path, gguf = ref
-    if gguf:
+    path, folder = ref[0], Path(ref[0])
+    if ref[1]:   # the bundled GGUF
         return
-    folder = Path(path)
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            die(f"--model {path} has no config.json: a model folder needs config.json and its weights "
-                f"(*.safetensors), as save_pretrained writes them")
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            die(f"--model {path} holds no weights (no *.safetensors or *.bin file)")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        die(f"--model {path} has no config.json: a model folder needs config.json and its weights (*.safetensors), "
+            f"as save_pretrained writes them")
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        die(f"--model {path} holds no weights (no *.safetensors or *.bin file)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -842,9 +814,8 @@ def track(acc, key, values, step, table=None):
     if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
         return
     acc.log(values, step=step)
-    for tracker in acc.trackers:
-        if table and hasattr(tracker, "log_table"):
-            tracker.log_table(*table, step=step)
+    for tracker in [t for t in acc.trackers if table and hasattr(t, "log_table")]:
+        tracker.log_table(*table, step=step)
     LOGGED["keys"].add(key)
     write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
 
@@ -914,18 +885,24 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     kept = stage("train", lambda p: ([training_record(r) for r in passed], {}))
     stats.update(kept=len(kept), **score_summary(scored))
     if not kept:
-        die(empty_round_message(rnd, stats, args))
-    data = kept
-    if args.train_data == "cumulative":
-        earlier = [out / f"round_{t}" / "train.jsonl" for t in range(1, rnd)]
-        data = broadcast_from_main(acc, lambda: [r for path in earlier for r in read_jsonl(path)]) + kept
+        funnel = ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
+        if stats.get("response_rules", 1) == 0:
+            cause = "every response broke a response rule (try a larger --max-new-tokens)"
+        elif args.threshold >= 1 and stats.get("scored", 0) == 0:
+            cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
+        else:
+            cause = (f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess "
+                     f"quality|adherence)")
+        die(f"round {rnd}: nothing left to train on: {cause}, with a new --out or --overwrite. Funnel: {funnel}. "
+            f"The round's files are in {args.out}/round_{rnd}.")
+    data = kept if args.train_data == "latest" else broadcast_from_main(
+        acc, lambda: [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")]) + kept
     NOW["where"], t0 = f"round {rnd}, stage sft", time.time()
     train_from = base_ref if args.train_from == "base" else current
     first_step = sum(json.loads((out / f"round_{t}" / "stats.json").read_text())["steps"] for t in range(1, rnd))
     losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd, first_step=first_step)
     stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
-                 first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
-                 time_sft=round(time.time() - t0, 1))
+                 first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), time_sft=round(time.time() - t0, 1))
     if acc.is_main_process:
         write_atomic(stats_path, json.dumps(stats, indent=1))
         append_jsonl(rdir / "losses.jsonl", [dict(step=s, loss=l) for s, l in enumerate(losses)])
@@ -934,8 +911,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
 
 @torch.no_grad()
 def heldout_nll(model, tok, seeds, max_len):
-    """Mean per-token negative log-likelihood of the seeds' own reference outputs (+ end of turn):
-    judge-free and deterministic. Token-weighted over all held-out seeds."""
+    """Mean per-token NLL of the held-out seeds' reference outputs (+ end of turn): judge-free and deterministic."""
     total, count = 0.0, 0
     for example in [e for e in (tokenize_pair(tok, s, max_len) for s in seeds if s["output"]) if e is not None]:
         ids, labels = (torch.tensor([x], device=model.device) for x in example)
@@ -950,8 +926,7 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
     model (a fixed judge, so rounds compare), and the NLL of the seeds' reference outputs."""
     rdir = Path(args.out) / f"round_{rnd}"
     path = rdir / "eval.json"
-    saved = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
-    if saved is not None:
+    if (saved := broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)) is not None:
         return saved
     if acc.is_main_process:
         rdir.mkdir(parents=True, exist_ok=True)
@@ -990,19 +965,6 @@ def score_summary(scored):
     return out
 
 
-def empty_round_message(rnd, stats, args):
-    funnel = ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
-    if stats.get("response_rules", 1) == 0:
-        cause = "every response broke a response rule (try a larger --max-new-tokens)"
-    elif args.threshold >= 1 and stats.get("scored", 0) == 0:
-        cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
-    else:
-        cause = (f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess "
-                 f"quality|adherence)")
-    return (f"round {rnd}: nothing left to train on: {cause}, with a new --out or --overwrite. Funnel: {funnel}. "
-            f"The round's files are in {args.out}/round_{rnd}.")
-
-
 FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
 # The final table's columns, and their short names
 TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",
@@ -1011,25 +973,13 @@ TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_scor
 
 
 def round_scalars(stats):
-    """What the trackers show per round: the funnel and the kept share, the scores and the share
-    above 8 (the paper's Figure 4), the held-out evaluation, and the minutes of each stage."""
+    """Per round, for the trackers: the funnel and kept share, scores (the paper's Figure 4), held-out eval, minutes."""
     values = {f"funnel/{k}": stats[k] for k in FUNNEL if k in stats}
     if stats.get("answered"):
         values["funnel/kept_share"] = stats["kept"] / stats["answered"]
-    values.update({f"scores/{k}": v for k, v in stats.items() if k.startswith(("mean_", "share_", "unparsable"))})
-    values.update({f"eval/{k[5:]}": v for k, v in stats.items() if k.startswith("eval_") and v is not None})
-    values.update({f"minutes/{k[5:]}": v / 60 for k, v in stats.items() if k.startswith("time_")})
-    return values
-
-
-def print_table(rows):
-    cols = [c for c in TABLE if any(c in r for r in rows)]
-    cells = [[str(r["round"])] + [str(r.get(c, "")) for c in cols]
-             + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"] for r in rows]
-    names = ["round"] + [TABLE[c] for c in cols] + ["minutes"]
-    widths = [max(len(x) for x in col) for col in zip(names, *cells)]
-    for line in [names] + cells:
-        print0("  ".join(x.rjust(w) for x, w in zip(line, widths)))
+    return (values | {f"scores/{k}": v for k, v in stats.items() if k.startswith(("mean_", "share_", "unparsable"))}
+            | {f"eval/{k[5:]}": v for k, v in stats.items() if k.startswith("eval_") and v is not None}
+            | {f"minutes/{k[5:]}": v / 60 for k, v in stats.items() if k.startswith("time_")})
 
 
 # -----------------------------------------------------------------------------
@@ -1151,8 +1101,7 @@ def claim_out(args, acc):
             print0(f"warning: cannot lock --out {out} ({e.strerror}); make sure no other run uses it")
         else:
             held.truncate(0)
-            held.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-            held.flush()
+            print(f"pid {os.getpid()} on host {socket.gethostname()}", file=held, flush=True)
     if busy := broadcast_from_main(acc, lambda: busy):
         die(busy)
     if saved_path.exists():
@@ -1165,9 +1114,8 @@ def claim_out(args, acc):
         if not args.overwrite:
             args.run_id = saved.get("run_id", args.run_id)
         elif acc.is_main_process:
-            for child in out.iterdir():   # only what an isheep run writes
-                if child.name.startswith("round_") or child.name in RUN_FILES:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for child in [c for c in out.iterdir() if c.name.startswith("round_") or c.name in RUN_FILES]:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()   # only what an isheep run writes
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_atomic(saved_path, json.dumps(dict(settings, run_id=args.run_id), indent=1))
@@ -1178,21 +1126,19 @@ NOW = {"where": "set-up"}   # what the run is doing: the line a signal ends it w
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
-def stop_on_signal(signum, frame):
-    raise KeyboardInterrupt(signum)
-
-
 def main(argv=None):
     """Run I-SHEEP. Ctrl-C, SIGTERM (what Slurm and Kubernetes send before SIGKILL), a full disk or a refused write end
     the run in one line that says what to do. Files are then as a kill -9 leaves them, so the same command resumes."""
+    def stop_on_signal(signum, frame):
+        raise KeyboardInterrupt(signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop_on_signal)
     try:
         run(parse_args(argv))
     except KeyboardInterrupt as e:
-        sig = e.args[0] if e.args else signal.SIGINT
         print0(f"isheep: interrupted in {NOW['where']}: rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(128 + sig)
+        raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
@@ -1242,7 +1188,7 @@ def run(args):
            f"train {args.train_from} on {args.train_data} data, "
            f"{'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, "
            f"{acc.num_processes} process(es) on {acc.device}{' with --tp' if args.tp else ''}; "
-           f"{len(pool)} seeds for few-shot, {n_eval} held out; output in {args.out}/")
+           f"{len(pool)} seeds for few-shot, {len(heldout)} held out; output in {args.out}/")
     rounds = [dict(round=0, **evaluate(0, base_ref, base_ref, tok, heldout, acc=acc, args=args))] if heldout else []
     if rounds:
         track(acc, "round 0", round_scalars(rounds[0]), 0)
@@ -1263,7 +1209,13 @@ def run(args):
                + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}"
                + (f", held-out quality {stats['eval_quality']}, NLL {stats['eval_nll']}" if heldout else ""))
     print0()
-    print_table(rounds)
+    cols = [c for c in TABLE if any(c in r for r in rounds)]
+    cells = [[str(r["round"])] + [str(r.get(c, "")) for c in cols]
+             + [f"{sum(v for k, v in r.items() if k.startswith('time_')) / 60:.1f}"] for r in rounds]
+    names = ["round"] + [TABLE[c] for c in cols] + ["minutes"]
+    widths = [max(len(x) for x in col) for col in zip(names, *cells)]
+    for line in [names] + cells:
+        print0("  ".join(x.rjust(w) for x, w in zip(line, widths)))
     acc.end_training()
 
 
@@ -1362,10 +1314,9 @@ class Row:
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
            on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """(new tokens, finished) per prompt, item i drawing from random.Random(seeds[i]). The loop: evict the rows that
-    ended, admit waiting prompts (shortest first) into free slots, step the rows a window. gpu (default: on a GPU):
-    SYNC_EVERY steps a window at a few row counts, CUDA graphs if `graphs`; tp: all ranks in lockstep. trace, a list,
-    gets each window's (steps, rows fed, row lengths)."""
+    """(new tokens, finished) per prompt, item i drawing from random.Random(seeds[i]); waiting prompts are admitted
+    shortest first. gpu (default: on a GPU): SYNC_EVERY steps a window at a few row counts, CUDA graphs if `graphs`; tp:
+    all ranks in lockstep. trace, a list, gets each window's (steps, rows fed, row lengths)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     device = model.device
     gpu = device.type == "cuda" if gpu is None else gpu
@@ -1514,8 +1465,7 @@ class SlotCache:
         src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
         for k, v in self.kv.values():
             k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
-        for t in (self.pos, self.token):
-            t[dst] = t[src]
+        self.pos[dst], self.token[dst] = self.pos[src], self.token[src]
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
@@ -1524,7 +1474,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: 
     (slots x columns x kv_heads x head_dim): on a GPU one memory-efficient attention kernel bounded by `used` (a KV
     head's query heads as one sequence), which a graph replays with new lengths; on a CPU a call per row."""
     n, heads, dim = query.shape
-    slots, columns, kv_heads = keys.shape[:3]
+    columns, kv_heads = keys.shape[1:3]
     group = heads // kv_heads
     if not query.is_cuda:   # 4-D: SDPA's CPU kernel takes the 1 x kv_heads x columns x head_dim views as they are
         rows = zip(query.reshape(n, 1, kv_heads, group, dim), keys[:n, None], values[:n, None], used.tolist())
