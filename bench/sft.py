@@ -4,7 +4,7 @@ What is measured and why: isheep.sft_step packs a rank's share of an optimizer s
 examples back to back, no padding, attention cut at each example, logits only where a token is supervised. Its
 peers run the same examples from the same weights:
   - shuffled, padded micro-batches: the usual loader (a random order cut into --micro examples, each padded);
-  - the same steps padded: each timed step sorted by length and cut into as many micro-batches as isheep's,
+  - the same steps padded: each timed step sorted by length and cut into --padded-parts micro-batches,
     every position's logits upcast to fp32 (isheep's loop before packing; its peak memory is the reference);
   - on a GPU (or with --trl), TRL's SFTTrainer: padding_free=True, SDPA, bf16, PEFT LoRA on the same layers (or
     full fine-tuning), no gradient checkpointing, --batch-size examples a step.
@@ -124,9 +124,10 @@ def main():
                    help="JSON list (or JSONL) of {instruction, input, output} pairs")
     p.add_argument("--n", type=int, default=512, help="pairs sampled from --data: an epoch of them")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (isheep's --batch-size)")
-    p.add_argument("--grad-accum", type=int, default=4, help="isheep's --grad-accum: packed rows per step, and the "
-                   "micro-batches of the same steps padded (1, isheep's default, pads 16 examples at once: over 20 GB "
-                   "on the CPU)")
+    p.add_argument("--grad-accum", type=int, default=1, help="isheep's --grad-accum: packed rows per step (isheep's "
+                   "default: 1, the whole step in one row)")
+    p.add_argument("--padded-parts", type=int, default=4, help="micro-batches of each step of 'the same steps, padded' "
+                   "(1, as isheep's rows, pads 16 examples at once: over 20 GB on the CPU; gpu.sh passes 1)")
     p.add_argument("--micro", type=int, default=4, help="examples per micro-batch of the shuffled padded baseline")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method, after 1 untimed warm-up step")
     p.add_argument("--max-len", type=int, default=1024, help="tokenize_pair's max_len")
@@ -172,7 +173,7 @@ def main():
         return [step[j * len(step) // parts:(j + 1) * len(step) // parts] for j in range(parts)]
     plans = {"shuffled, padded micro-batches": [[shuffled[s + m:s + m + args.micro] for m in range(0, args.batch_size, args.micro)]
                                                 for s in range(0, len(shuffled), args.batch_size)],
-             "the same steps, padded": [cut(s, accum) for s in timed]}
+             "the same steps, padded": [cut(s, args.padded_parts) for s in timed]}
     lengths = sorted(len(e[0]) for e in examples)
     print(f"{len(examples)} examples, tokens per example: median {lengths[len(lengths) // 2]}, mean "
           f"{sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; {len(epoch)} steps an epoch, {k} timed, "
@@ -200,7 +201,7 @@ def main():
         model.set_attn_implementation(isheep.PACKED)
         packed = isheep.sft_step(model, frozen, examples, step, acc=acc)[0].item()
         model.set_attn_implementation("sdpa")
-        diffs.append(abs(packed - float(padded_step(model, frozen, examples, cut(step, accum), autocast))))
+        diffs.append(abs(packed - float(padded_step(model, frozen, examples, cut(step, args.padded_parts), autocast))))
 
     results = []
     for method in ["shuffled, padded micro-batches", "the same steps, padded", "isheep.sft_step, packed"]:
@@ -209,7 +210,7 @@ def main():
         model.set_attn_implementation(isheep.PACKED if packed else "sdpa")
         run = (lambda s: isheep.sft_step(model, optimizer, examples, s, acc=acc)) if packed else \
             (lambda s: padded_step(model, optimizer, examples, s, autocast))
-        run(warmup if packed else cut(warmup, accum))
+        run(warmup if packed else cut(warmup, args.padded_parts))
         sync(args.device)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
