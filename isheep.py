@@ -624,9 +624,12 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
-    warmup = min(args.warmup_steps, total)   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (   # not prepared: it would step per process
-        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))))
+    warmup = min(args.warmup_steps, total)
+
+    def lr_lambda(s):   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)   # not prepared: it would step per process
     model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
     # prepare() maps parameters by data pointer, which all meta tensors share: re-point them on the empty-built ranks
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
@@ -814,8 +817,9 @@ def track(acc, key, values, step, table=None):
     if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
         return
     acc.log(values, step=step)
-    for tracker in [t for t in acc.trackers if table and hasattr(t, "log_table")]:
-        tracker.log_table(*table, step=step)
+    for tracker in acc.trackers:
+        if table and hasattr(tracker, "log_table"):
+            tracker.log_table(*table, step=step)
     LOGGED["keys"].add(key)
     write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
 
