@@ -31,7 +31,6 @@ import datetime
 import errno
 import fcntl
 import functools
-import gc
 import hashlib
 import importlib.util
 import itertools
@@ -297,9 +296,8 @@ def occurrence_matrix(toks):
 
 
 def rouge_dedup(candidates, references, threshold=0.7):
-    """keep[i]: candidate i has ROUGE-L <= threshold against every reference and earlier kept candidate, as the
-    pairwise loop decides, without its n^2 LCSs: LCS(a, b) <= |a & b| (occurrence_matrix), so one sparse product
-    bounds every pair and the exact LCS runs only where the bound could pass."""
+    """keep[i]: candidate i's ROUGE-L against every reference and earlier kept candidate is <= threshold, as the
+    pairwise loop decides. LCS(a, b) <= |a & b|: one sparse product bounds all pairs; an LCS runs where it may pass."""
     toks = [rouge_tokens(t) for t in references] + [rouge_tokens(t) for t in candidates]
     n_ref, n = len(references), len(toks)
     x = occurrence_matrix(toks)
@@ -344,9 +342,8 @@ def prompt_ids(tok, instruction, input="", reply_start=""):
 
 @functools.cache
 def turn_boundary(tok):
-    """(end_of_turn, special ids), read off what the chat template writes between an answer and the next user turn:
-    end_of_turn runs up to its first special token (ChatML: <|im_end|>), what SFT trains after a response; special
-    holds this turn's end and the next's start. Without a template or a special token there: ([eos], {eos})."""
+    """(end_of_turn, special ids) in what the chat template writes between an answer and the next user turn: SFT
+    trains end_of_turn (up to the first special one, ChatML's <|im_end|>) after a response; generation stops at each."""
     eos = [tok.eos_token_id]
     if not tok.chat_template:
         return eos, set(eos)
@@ -404,11 +401,10 @@ def parse_tasks(completion, first_number, cut_off):
 
 
 def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
-    """Prompt the model with FEW_SHOT random seeds per prompt, in waves, until args.num_instructions instructions pass
-    the rules and dedup or args.max_attempts prompts are tried. Prompt k is a function of (seed, round, k): a resumed
-    run makes the same prompts and keeps the same tasks."""
+    """Prompts of FEW_SHOT random seeds, in waves, until args.num_instructions instructions pass the rules and dedup or
+    args.max_attempts prompts are tried. Prompt k depends on (seed, round, k) alone: a resumed run makes it again."""
     target, cap, prompts, kept = args.num_instructions, args.max_attempts, [], []
-    stats = dict(prompts=0, parsed=0, rules=0, dedup=0)
+    stats = dict(parsed=0, rules=0, dedup=0)
     while len(kept) < target and len(prompts) < cap:
         per_prompt = max(stats["dedup"] / len(prompts), 1.0) if prompts else 8.0
         wave = min(cap - len(prompts), max(1, math.ceil(1.2 * (target - len(kept)) / per_prompt)))
@@ -429,7 +425,6 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
             tasks = [t for t, k in zip(tasks, keep) if k]
         stats["dedup"] += len(tasks)
         kept += tasks
-    stats["prompts"] = len(prompts)
     if not kept:
         die(f"round {rnd}: the model wrote no usable instruction in {len(prompts)} prompts "
             f"({stats['parsed']} parsed, {stats['rules']} passed the rules). Check that --model is a language model "
@@ -437,7 +432,7 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
     if len(kept) < target:
         print0(f"round {rnd}: only {len(kept)} of {target} instructions after {cap} prompts (--max-attempts); "
                f"going on with those")
-    return kept[:target], stats
+    return kept[:target], dict(prompts=len(prompts), **stats)
 
 
 def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
@@ -578,10 +573,9 @@ def add_lora(model, rank, alpha):
 
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
-    """One optimizer step on the examples `step`, every rank together: this rank's share (dealt by length) in
-    gradient_accumulation_steps packed rows, each loss summed over the whole step's supervised tokens, a count every
-    rank knows (no sync), so neither ranks nor cuts change it. Returns this rank's loss (on the device), the grad
-    norm, this rank's tokens."""
+    """One optimizer step on the examples `step`, all ranks together: this rank's share (dealt by length) in
+    gradient_accumulation_steps packed rows, each loss over the whole step's supervised tokens (every rank knows the
+    count: no sync), so neither ranks nor cuts change the step. Returns (this rank's loss, grad norm, its tokens)."""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -654,14 +648,13 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     save_model(model, tok, save_dir, acc=acc, lora_scale=args.lora_alpha / max(args.lora_rank, 1),
                progress=not args.no_progress)
     del model, optimizer, scheduler
-    free_memory(acc)
+    acc.free_memory()
     return losses, len(pairs) - len(examples)
 
 
 def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
-    """The full model as from_pretrained reads it, each LoRA pair folded into its weight in fp32, shard by shard as
-    save_pretrained plans them: every rank gathers a shard (FSDP), the main process merges and writes it, so it holds
-    one shard at a time. Then index, configs, tokenizer; all in save_dir.tmp, renamed whole."""
+    """The full model as from_pretrained reads it, LoRA folded in (fp32), one shard at a time (every rank gathers it,
+    the main process merges and writes it); then index, configs and tokenizer, in save_dir.tmp, renamed whole."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -742,13 +735,11 @@ def load_tokenizer(ref, args):
     return tok
 
 
-def check_model(ref, args):
+def check_model(path, args):
     """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of work."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    path, folder = ref[0], Path(ref[0])
-    if ref[1]:   # the bundled GGUF
-        return
+    folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         die(f"--model {path} has no config.json: a model folder needs config.json and its weights (*.safetensors), "
             f"as save_pretrained writes them")
@@ -796,13 +787,6 @@ def load_model(ref, args, acc, *, training=False):
     return model if training else model.eval()
 
 
-def free_memory(acc):
-    acc.free_memory()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # -----------------------------------------------------------------------------
 # The iteration loop. Each round lives in out/round_<t>/; every stage's result is a file, so a
 # rerun of the same command skips what is complete and resumes what is partial.
@@ -842,7 +826,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     def model_for(ref):
         if gen.get("ref") != ref:
             gen.clear()
-            free_memory(acc)
+            acc.free_memory()
             gen.update(ref=ref, model=load_model(ref, args, acc))
         return gen["model"]
 
@@ -884,7 +868,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
 
     scored = stage("scored", assess)
     gen.clear()
-    free_memory(acc)
+    acc.free_memory()
     passed = filter_by_threshold(scored, args.threshold, args.assess)
     kept = stage("train", lambda p: ([training_record(r) for r in passed], {}))
     stats.update(kept=len(kept), **score_summary(scored))
@@ -919,8 +903,7 @@ def heldout_nll(model, tok, seeds, max_len):
     total, count = 0.0, 0
     for example in [e for e in (tokenize_pair(tok, s, max_len) for s in seeds if s["output"]) if e is not None]:
         ids, labels = (torch.tensor([x], device=model.device) for x in example)
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), labels[0, 1:], reduction="sum").item()
         count += int((labels != -100).sum())
     return total / max(count, 1)
 
@@ -943,13 +926,13 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
     nll = heldout_nll(model, tok, heldout, args.max_len)
     if ref != base_ref:
         del model
-        free_memory(acc)
+        acc.free_memory()
         model = load_model(base_ref, args, acc)
     pairs = [dict(s, output=a["text"].strip()) for s, a in zip(heldout, answers)]
     scored = self_assess(model, tok, pairs, rdir / "eval_scores.raw.jsonl", acc=acc, args=args, rnd=rnd,
                          aspects=list(ASPECTS), desc=f"round {rnd} eval judge")
     del model
-    free_memory(acc)
+    acc.free_memory()
     result, means = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1)), score_summary(scored)
     for aspect, (_, key) in ASPECTS.items():
         result[f"eval_{aspect}"] = means.get(f"mean_{key}")
@@ -1004,10 +987,8 @@ def parse_args(argv=None):
     g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
     g.add_argument("--num-instructions", type=int, default=10000,
                    help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
-    g.add_argument("--max-attempts", type=int,
-                   help="prompts tried per round before giving up (default: num-instructions/2)")
-    g.add_argument("--threshold", type=float, default=8,
-                   help="C: -1 raw data, 0 rules only, >=1 keep scores > C (paper: 8)")
+    g.add_argument("--max-attempts", type=int, help="prompts tried per round at most (default: num-instructions/2)")
+    g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 scores > C (paper: 8)")
     g.add_argument("--assess", choices=["both", *ASPECTS], default="both", help="scores that must pass C (paper: both)")
     g.add_argument("--judge", choices=["base", "current"], default="base", help="who scores: the base model, as in "
                    "the authors' code, or the current model, as the paper's text reads")
@@ -1033,12 +1014,10 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (update = alpha/rank * BA)")
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="examples per optimizer step, all processes together (paper: 16)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples a step, all processes together (paper: 16)")
     g.add_argument("--grad-accum", type=int, default=1,
                    help="packed rows per process per step: more saves memory, same result")
-    g.add_argument("--warmup-steps", type=int, default=20,
-                   help="linear warmup steps before the cosine decay (paper: 20)")
+    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine decay (paper: 20)")
     g.add_argument("--max-len", type=int, default=2048,
                    help="longest prompt + response in tokens; longer prompts are skipped and counted")
     g.add_argument("--gradient-checkpointing", action="store_true",
@@ -1171,7 +1150,8 @@ def run(args):
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
-    check_model(base_ref, args)
+    if args.model:   # not the bundled demo model
+        check_model(args.model, args)
     out = Path(args.out)
     first_start = args.overwrite or not (out / "run.json").exists()   # the trackers get the config once
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
