@@ -19,9 +19,8 @@ Run it:
   accelerate launch --config_file fsdp2.yaml isheep.py \\
       --model Qwen/Qwen1.5-72B --iters 3 --tp               # the 72B recipe (README, "Scaling up")
 
-The file reads top to bottom in pipeline order: prompts, data I/O, rules and ROUGE-L, self-synthesis,
-self-assessment, filtering, SFT, models, the iteration loop, main(). The generation engine that the steps call
-(generate) is an appendix at the end.
+Sections in pipeline order: prompts, data I/O, rules and ROUGE-L, self-synthesis, self-assessment, filtering, SFT,
+models, the iteration loop, main(); then an appendix, the generation engine (generate) that the steps call.
 """
 
 import argparse
@@ -140,33 +139,25 @@ def read_jsonl(path):
     return rows
 
 
-def write_atomic(path, text):
-    tmp = Path(f"{path}.tmp")
-    with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+def write_file(path, text, append=False):
+    """On disk (fsynced) when it returns: appended to path, or written whole to path.tmp and renamed over path."""
+    target = Path(path if append else f"{path}.tmp")
+    with writing(target), open(target, "a" if append else "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not append:
+        os.replace(target, path)
 
 
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def append_jsonl(path, rows):
-    with writing(path), open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+def write_jsonl(path, rows, append=False):
+    write_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), append)
 
 
 def broadcast_from_main(acc, fn):
     """Run fn on the main process only (it reads the files) and hand its result to every rank: all ranks agree."""
-    from accelerate.utils import broadcast_object_list
-    box = [fn() if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        broadcast_object_list(box)
-    return box[0]
+    from accelerate.utils import broadcast_object_list   # one process: the list back as it is
+    return broadcast_object_list([fn() if acc.is_main_process else None])[0]
 
 
 def load_seeds(path):
@@ -282,8 +273,7 @@ def rouge_l(a, b):
 
 
 def occurrence_matrix(toks):
-    """Sparse 0/1 matrix, a row per token list, a column per (word, k-th occurrence): two rows' dot product is
-    the size of the multiset intersection of their tokens."""
+    """Sparse 0/1, a row per token list, a column per (word, k-th occurrence): a dot product is the multiset |a & b|."""
     vocab, rows, cols = {}, [], []
     for i, t in enumerate(toks):
         seen = {}
@@ -361,16 +351,14 @@ def turn_boundary(tok):
 
 
 def stop_token_ids(tok, model):
-    """Where generation stops: both eos ids, and the template's turn boundary (a Qwen base model's eos is
-    <|endoftext|>, but its template ends a turn with <|im_end|>)."""
+    """Where generation stops: both eos ids and the template's end of turn (a Qwen base's eos isn't <|im_end|>)."""
     extra = model.generation_config.eos_token_id
     ids = {tok.eos_token_id, *turn_boundary(tok)[1], *(extra if isinstance(extra, list) else [extra])}
     return sorted(i for i in ids if i is not None)
 
 
 def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
-    """generate() (the appendix) with resume: each finished item is appended to `path` (as item first + i) and read
-    back on restart. One completion per prompt, in order."""
+    """generate() with resume: each item appended to `path` (as first + i) and read back on a rerun; in prompt order."""
     saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
     if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
         write_jsonl(path, saved)
@@ -379,7 +367,7 @@ def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
                           progress=not args.no_progress, **kw):
         done.update({i: dict(r, i=first + i) for i, r in chunk.items()})
         if acc.is_main_process:
-            append_jsonl(path, [done[i] for i in chunk])
+            write_jsonl(path, [done[i] for i in chunk], append=True)
     return [done[i] for i in range(len(prompts))]
 
 
@@ -404,9 +392,9 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
     """Prompts of FEW_SHOT random seeds, in waves, until args.num_instructions instructions pass the rules and dedup or
     args.max_attempts prompts are tried. Prompt k depends on (seed, round, k) alone: a resumed run makes it again."""
     target, cap, prompts, kept = args.num_instructions, args.max_attempts, [], []
-    stats = dict(parsed=0, rules=0, dedup=0)
+    stats = dict(parsed=0, rules=0)
     while len(kept) < target and len(prompts) < cap:
-        per_prompt = max(stats["dedup"] / len(prompts), 1.0) if prompts else 8.0
+        per_prompt = max(len(kept) / len(prompts), 1.0) if prompts else 8.0
         wave = min(cap - len(prompts), max(1, math.ceil(1.2 * (target - len(kept)) / per_prompt)))
         start = len(prompts)
         for k in range(start, start + wave):
@@ -423,7 +411,6 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
             stats["rules"] += len(tasks)
             keep = rouge_dedup([t["instruction"] for t in tasks], references + [t["instruction"] for t in kept])
             tasks = [t for t, k in zip(tasks, keep) if k]
-        stats["dedup"] += len(tasks)
         kept += tasks
     if not kept:
         die(f"round {rnd}: the model wrote no usable instruction in {len(prompts)} prompts "
@@ -432,7 +419,7 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
     if len(kept) < target:
         print0(f"round {rnd}: only {len(kept)} of {target} instructions after {cap} prompts (--max-attempts); "
                f"going on with those")
-    return kept[:target], dict(prompts=len(prompts), **stats)
+    return kept[:target], dict(prompts=len(prompts), **stats, dedup=len(kept))
 
 
 def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
@@ -505,6 +492,9 @@ def filter_by_threshold(pairs, threshold, assess):
 # SFT (step 7): a plain PyTorch loop driven by accelerate, loss on the response and its end of turn only.
 # Each micro-batch is one packed row: examples back to back, no padding, attention cut at each of them.
 
+PACKED = "isheep_packed"   # the attention packed rows use (packed_attention), by its name in transformers
+
+
 def tokenize_pair(tok, pair, max_len):
     """(input_ids, labels), the prompt masked to -100 (tokenized apart: an exact boundary), or None if the prompt
     alone is too long. The response ends with the template's end of turn (turn_boundary), cut at max_len."""
@@ -523,9 +513,6 @@ def pack(examples):
     targets = torch.tensor([t for _, y in examples for t in y[1:] + [-100]])
     cu_seqlens = torch.tensor([0, *itertools.accumulate(len(x) for x, _ in examples)], dtype=torch.int32)
     return ids, positions, targets, cu_seqlens
-
-
-PACKED = "isheep_packed"
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
@@ -555,8 +542,7 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # on the meta device: no values, no draws
 
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
@@ -697,7 +683,7 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
             if plan.is_sharded:
                 total = sum(state[v].numel() for v in names.values())
                 index = dict(metadata=dict(plan.metadata, total_parameters=total), weight_map=plan.tensor_to_filename)
-                write_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+                write_file(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
             model.config.use_cache, model.config.dtype = True, str(next(iter(meta.values())).dtype).split(".")[1]
             model.config.architectures = [type(model).__name__.removeprefix("FSDP")]   # FSDP2 renames the class
             model.config.save_pretrained(tmp)
@@ -791,6 +777,13 @@ def load_model(ref, args, acc, *, training=False):
 # The iteration loop. Each round lives in out/round_<t>/; every stage's result is a file, so a
 # rerun of the same command skips what is complete and resumes what is partial.
 
+NOW = {"where": "set-up"}   # what the run is doing: the line a signal ends it with names it
+FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
+# The final table's columns, and their short names
+TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",
+             mean_following_score="adherence", share_quality_score_above_8="q>8", last_loss="loss",
+             eval_quality="ev_qual", eval_adherence="ev_adh", eval_nll="eval_nll")
+
 # Tracking (--report-to): accelerate's trackers, fed by the main process alone, so no rank waits on them. A resumed
 # run redoes the stage or the SFT it was in; out/tracking/logged.json keeps the key of all they got: none comes twice.
 LOGGED = {"path": None, "keys": set()}
@@ -805,7 +798,7 @@ def track(acc, key, values, step, table=None):
         if table and hasattr(tracker, "log_table"):
             tracker.log_table(*table, step=step)
     LOGGED["keys"].add(key)
-    write_atomic(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
+    write_file(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
 
 
 def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
@@ -842,7 +835,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
             seconds = time.time() - t0
             stats.update(st, **{f"time_{name}": round(seconds, 1)})
             if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
-                write_atomic(stats_path, json.dumps(stats, indent=1))
+                write_file(stats_path, json.dumps(stats, indent=1))
                 write_jsonl(path, rows)
             made = read_jsonl(raw)[before:] if raw.exists() else []   # what this process generated
             if made:
@@ -892,8 +885,8 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
                  first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), time_sft=round(time.time() - t0, 1))
     if acc.is_main_process:
-        write_atomic(stats_path, json.dumps(stats, indent=1))
-        append_jsonl(rdir / "losses.jsonl", [dict(step=s, loss=l) for s, l in enumerate(losses)])
+        write_file(stats_path, json.dumps(stats, indent=1))
+        write_jsonl(rdir / "losses.jsonl", [dict(step=s, loss=l) for s, l in enumerate(losses)], append=True)
     return stats
 
 
@@ -938,7 +931,7 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
         result[f"eval_{aspect}"] = means.get(f"mean_{key}")
         result[f"eval_{aspect}_parsed"] = round(sum(p.get(key) is not None for p in scored) / len(scored), 2)
     if acc.is_main_process:
-        write_atomic(path, json.dumps(result, indent=1))
+        write_file(path, json.dumps(result, indent=1))
     return result
 
 
@@ -950,13 +943,6 @@ def score_summary(scored):
             out[f"mean_{key}"] = round(sum(values) / len(values), 2)
             out[f"share_{key}_above_8"] = round(sum(v > 8 for v in values) / len(values), 3)
     return out
-
-
-FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
-# The final table's columns, and their short names
-TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",
-             mean_following_score="adherence", share_quality_score_above_8="q>8", last_loss="loss",
-             eval_quality="ev_qual", eval_adherence="ev_adh", eval_nll="eval_nll")
 
 
 def round_scalars(stats):
@@ -971,6 +957,13 @@ def round_scalars(stats):
 
 # -----------------------------------------------------------------------------
 # main()
+
+# Settings that don't change results; everything else must match to resume a run.
+NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id", "dist_timeout"}
+TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
+RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and round_*/: what --overwrite deletes
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="I-SHEEP: iterative self-alignment of an LLM from a base model and a seed "
@@ -1053,12 +1046,6 @@ def parse_args(argv=None):
     return args
 
 
-# Settings that don't change results; everything else must match to resume a run.
-NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id", "dist_timeout"}
-TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
-RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and round_*/: what --overwrite deletes
-
-
 def claim_out(args, acc):
     """Make --out this run's own: refuse a file, a folder of something else or a run with other settings (run.json);
     lock it (flock on out/.lock by the main process: a second run stops at once, a kill -9 leaves no stale lock)."""
@@ -1101,12 +1088,8 @@ def claim_out(args, acc):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()   # only what an isheep run writes
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_atomic(saved_path, json.dumps(dict(settings, run_id=args.run_id), indent=1))
+        write_file(saved_path, json.dumps(dict(settings, run_id=args.run_id), indent=1))
     return held
-
-
-NOW = {"where": "set-up"}   # what the run is doing: the line a signal ends it with names it
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 def main(argv=None):
@@ -1212,6 +1195,10 @@ def run(args):
 # Design: continuous batching on one static KV cache (SlotCache). A decode admits waiting prompts into free slots (a
 # prefill), steps its rows, and evicts the rows that ended; each row reads only its own keys (attend). A CPU steps a
 # token at a time; a GPU runs SYNC_EVERY steps between two reads of their tokens, each a CUDA graph (--tp too).
+SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
+MAX_ROWS = 1024   # rows of a decode at most: sampling takes ~40 bytes a row and vocabulary entry (6 GB at Qwen's 152k)
+PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
+
 
 @torch.no_grad()
 def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
@@ -1275,11 +1262,6 @@ def generation_units(prompts, max_new_tokens, budget):
         units[-1].append(i)
         size += cost
     return units
-
-
-SYNC_EVERY = 8    # GPU steps between two reads of their tokens (a CPU-GPU sync): stops are seen up to 7 steps late
-MAX_ROWS = 1024   # rows of a decode at most: sampling takes ~40 bytes a row and vocabulary entry (6 GB at Qwen's 152k)
-PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at most: bounds its activations
 
 
 @dataclasses.dataclass
@@ -1437,11 +1419,9 @@ class SlotCache:
         col = torch.arange(width, device=device)
         mask = (col[None, :, None] >= col[None, None, :]) & (col[None, None, :] >= shift[:, None, None])
         self.prefilling, positions = (slice(first, first + len(prompts)), shift), (col - shift[:, None]).clamp(min=0)
-        try:
-            logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self,
-                           logits_to_keep=1).logits[:, -1]
-        finally:
-            self.prefilling = None
+        logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, cache=self,
+                       logits_to_keep=1).logits[:, -1]
+        self.prefilling = None
         self.pos[first:first + len(prompts)] = width - shift
         return logits
 
@@ -1495,8 +1475,7 @@ def slot_attention(model, cache):
 
 
 def decode_step(model, cache, temperature, top_p, cascade=True):
-    """One step of the cache's first `batch` rows: their tokens in, their keys written, their next tokens drawn, on
-    the same tensors every time for one batch size: what a CUDA graph captures."""
+    """Step the cache's first `batch` rows in place, on the same tensors for a batch size: what a CUDA graph holds."""
     n = cache.batch
     logits = model(input_ids=cache.token[:n, None], position_ids=cache.pos[:n, None], cache=cache,
                    use_cache=True).logits[:, -1]
