@@ -156,8 +156,8 @@ def write_jsonl(path, rows, append=False):
 
 def broadcast_from_main(acc, fn):
     """Run fn on the main process only (it reads the files) and hand its result to every rank: all ranks agree."""
-    from accelerate.utils import broadcast_object_list   # one process: the list back as it is
-    return broadcast_object_list([fn() if acc.is_main_process else None])[0]
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([fn() if acc.is_main_process else None])[0]   # one process: the list back as it is
 
 
 def load_seeds(path):
