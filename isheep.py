@@ -25,6 +25,7 @@ models, the iteration loop, main(); then an appendix, the generation engine (gen
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -526,10 +527,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, cu
         cu, n = cu_seq_lens_q, max_length_q
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scaling)[0]
         return out[None], None
-    group = query.shape[1] // key.shape[1]   # GQA: each KV head repeated for its query heads
-    k, v = (t[0].transpose(0, 1).repeat_interleave(group, 1).transpose(0, 1)[None] for t in (key, value))
-    parts = zip(*(t.split(cu_seq_lens_q.diff().tolist(), 2) for t in (query, k, v)))
-    out = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scaling) for qkv in parts], 2)
+    parts = zip(*(t.split(cu_seq_lens_q.diff().tolist(), 2) for t in (query, key, value)))
+    out = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scaling, enable_gqa=True)
+                     for qkv in parts], 2)
     return out.transpose(1, 2), None
 
 
@@ -602,7 +602,7 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
         torch.manual_seed(seed_for(args.seed, rnd, "lora"))   # the same LoRA init in a resumed run
         add_lora(model, args.lora_rank, args.lora_alpha)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=torch.cuda.is_available() or None)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=True)
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
     warmup = min(args.warmup_steps, total)
 
@@ -1112,9 +1112,19 @@ def main(argv=None):
             f"finished stages are kept")
 
 
+def keep_freed_memory():
+    """On a CPU, memory that a step frees stays in the process for the next one. glibc hands large blocks back to the
+    OS, and every new activation then pays its page faults anew: on a VM they can take longer than its arithmetic."""
+    if mallopt := getattr(ctypes.CDLL(None), "mallopt", None):   # glibc's (none on macOS)
+        mallopt(-4, 0)    # M_MMAP_MAX = 0: no block from mmap(), which free() would unmap
+        mallopt(-1, -1)   # M_TRIM_THRESHOLD = -1: the heap never shrinks
+
+
 def run(args):
     """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
     torch.backends.cuda.enable_cudnn_sdp(False)   # it plans anew for every new shape: every step and micro-batch
+    if not torch.cuda.is_available():   # on a GPU the host's memory goes back: rank 0 loads and saves whole models
+        keep_freed_memory()
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration

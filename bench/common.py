@@ -35,9 +35,12 @@ def print_table(header, rows):
 
 
 def prepare_machine(threads):
-    """Set torch's threads (if asked) and warn when another job already loads the CPU."""
+    """Set torch's threads (if asked), keep freed memory in the process as isheep.run does on a machine without a GPU,
+    and warn when another job already loads the CPU."""
     if threads:
         torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        isheep.keep_freed_memory()
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
 

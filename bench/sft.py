@@ -190,9 +190,9 @@ def main():
     flops = step_flops(model, examples, timed, lora)
     tokens = sum(len(examples[i][0]) for s in timed for i in s)
 
-    def fresh():   # every method starts from the same weights and a fresh AdamW (fused on a GPU, as isheep's)
+    def fresh():   # every method starts from the same weights and a fresh AdamW (fused, as isheep's)
         model.load_state_dict(start)
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=gpu or None)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)
 
     # max_loss_diff: each timed step's loss, packed and padded, from the starting weights (lr 0: they stay)
     diffs = []
