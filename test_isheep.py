@@ -623,6 +623,22 @@ def test_the_merged_save_writes_shard_by_shard_the_weights_of_the_lora_forward(t
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_on_a_cpu_a_freed_activation_is_reused_without_new_page_faults():
+    """isheep.run on a CPU keeps freed memory in the process: a tensor that fits in memory just freed reuses its pages,
+    where by default it is mapped afresh and every page faults again (each step's activations would)."""
+    code = """import resource, sys, torch, isheep
+if sys.argv[1] == "keep":
+    isheep.keep_freed_memory()
+torch.ones(1 << 25)   # 128 MiB, made and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(1 << 24)   # 64 MiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=ENV,
+                                       cwd=HERE, check=True, timeout=120).stdout) for mode in ("keep", "default")}
+    assert faults["keep"] < 100 and faults["default"] > 8000, faults   # 64 MiB is 16,384 pages of 4 KiB
+
+
 # -----------------------------------------------------------------------------
 # Generation
 
