@@ -1113,9 +1113,10 @@ def main(argv=None):
 
 
 def keep_freed_memory():
-    """On a CPU, memory that a step frees stays in the process for the next one. glibc hands large blocks back to the
-    OS, and every new activation then pays its page faults anew: on a VM they can take longer than its arithmetic."""
-    if mallopt := getattr(ctypes.CDLL(None), "mallopt", None):   # glibc's (none on macOS)
+    """On a machine without a GPU, memory that a step frees stays in the process for the next one. glibc hands large
+    blocks back to the OS, and every new activation then pays its page faults anew: on a VM they can take longer than
+    its arithmetic. With a GPU the host's memory goes back, as rank 0 loads and saves whole models in it."""
+    if (mallopt := getattr(ctypes.CDLL(None), "mallopt", None)) and not torch.cuda.is_available():   # glibc's
         mallopt(-4, 0)    # M_MMAP_MAX = 0: no block from mmap(), which free() would unmap
         mallopt(-1, -1)   # M_TRIM_THRESHOLD = -1: the heap never shrinks
 
@@ -1123,8 +1124,7 @@ def keep_freed_memory():
 def run(args):
     """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
     torch.backends.cuda.enable_cudnn_sdp(False)   # it plans anew for every new shape: every step and micro-batch
-    if not torch.cuda.is_available():   # on a GPU the host's memory goes back: rank 0 loads and saves whole models
-        keep_freed_memory()
+    keep_freed_memory()
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration

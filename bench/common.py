@@ -39,8 +39,7 @@ def prepare_machine(threads):
     and warn when another job already loads the CPU."""
     if threads:
         torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        isheep.keep_freed_memory()
+    isheep.keep_freed_memory()
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: another job shares the CPU, timings will be noisy")
 
