@@ -1113,9 +1113,8 @@ def main(argv=None):
 
 
 def keep_freed_memory():
-    """On a machine without a GPU, memory that a step frees stays in the process for the next one. glibc hands large
-    blocks back to the OS, and every new activation then pays its page faults anew: on a VM they can take longer than
-    its arithmetic. With a GPU the host's memory goes back, as rank 0 loads and saves whole models in it."""
+    """Without a GPU, memory a step frees stays in the process for the next, where glibc would unmap large blocks and
+    each new activation fault its pages in anew. With a GPU it goes back: rank 0 loads and saves whole models in it."""
     if (mallopt := getattr(ctypes.CDLL(None), "mallopt", None)) and not torch.cuda.is_available():   # glibc's
         mallopt(-4, 0)    # M_MMAP_MAX = 0: no block from mmap(), which free() would unmap
         mallopt(-1, -1)   # M_TRIM_THRESHOLD = -1: the heap never shrinks
