@@ -96,6 +96,38 @@ def load_bench_model(args, margs, training=False):
     return tok, model.train(training)
 
 
+# What a step's time goes to: GPU kernels by name (cuBLAS/CUTLASS, the attention's, cub's sorts), CPU ATen ops by name.
+# The first kind that matches counts; the rest is element-wise work (norms, rotary, activations) and overhead.
+KINDS = [("matmul", r"gemm|gemv|cutlass::Kernel|nvjet|xmma|cublas|splitk|^aten::(mm|bmm|addmm|baddbmm)$"),
+         ("attention", r"fmha|attention|flash|efficient|AttentionKernel"),
+         ("sort (top-p)", r"sort|radix|onesweep"),
+         ("softmax, cross-entropy, cumsum, search", r"softmax|nll_loss|scan|cumsum|searchsorted"),
+         ("optimizer, grad norm", r"adam|multi_tensor|foreach|vector_norm"),
+         ("indexing, copies, fills", r"index|copy|memcpy|memset|cat|gather|scatter|fill")]
+
+
+def profile_by_kind(fn, device):
+    """[(kind, events, ms)] of fn() under torch's profiler, most time first: a GPU's kernels (their device time), or
+    a CPU's ATen ops (their self time, which adds up to the whole), sorted into KINDS."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+    gpu = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync(device)
+    if gpu:
+        events = [(e.name, 1, e.device_time_total) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total]
+    else:
+        events = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total]
+    total = {}
+    for name, count, us in events:
+        kind = next((k for k, pattern in KINDS if re.search(pattern, name, re.I)), "other (norms, rotary, activations)")
+        n, ms = total.get(kind, (0, 0.0))
+        total[kind] = n + count, ms + us / 1000
+    return sorted(((kind, n, ms) for kind, (n, ms) in total.items()), key=lambda r: -r[2])
+
+
 def copy_bandwidth(device, reps=5):
     """Device memory bandwidth in GB/s: bytes read + written by the best of a few 1 GiB copies."""
     a = torch.empty(2 ** 28, dtype=torch.float32, device=device)

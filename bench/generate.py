@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
 from common import (add_model_args, copy_bandwidth, load_bench_model, prepare_machine, prepare_model_machine,  # noqa: E402
-                    print_table, sync)
+                    print_table, profile_by_kind, sync)
 
 
 SORTED = "isheep.generate, whole-vocabulary sort"   # a CPU's decode sampling as a GPU's does
@@ -189,8 +189,6 @@ def decode_roofline(trace, weight_bytes, kv_bytes, bandwidth, seconds):
 def profile_step(model, prompts, budget):
     """[(kind, kernels, ms)] of one eager decode step of isheep's engine with every prompt prefilled, from the
     profiler's CUDA kernels: what a step's GPU time goes to."""
-    import re
-    from torch.profiler import ProfilerActivity, profile
     rows = prompts[:min(len(prompts), isheep.MAX_ROWS)]
     cache = isheep.SlotCache(len(rows), max(map(len, rows)) + 4, model.device)
     with isheep.slot_attention(model, cache):
@@ -199,24 +197,7 @@ def profile_step(model, prompts, budget):
         cache.batch = len(rows)
         isheep.decode_step(model, cache, 1.0, 0.95, cascade=False)
         sync(model.device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            isheep.decode_step(model, cache, 1.0, 0.95, cascade=False)
-            sync(model.device)
-    total = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total:
-            kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.name, re.I)),
-                        "other (norms, rotary, activations)")
-            n, ms = total.get(kind, (0, 0.0))
-            total[kind] = n + 1, ms + event.device_time_total / 1000
-    return sorted(((kind, n, ms) for kind, (n, ms) in total.items()), key=lambda r: -r[2])
-
-
-# What a decode step's GPU time goes to, by kernel name (cuBLAS/CUTLASS names, the attention's, cub's sorts).
-KERNEL_KINDS = [("matmul", r"gemm|gemv|cutlass::Kernel|nvjet|xmma|cublas|splitk"),
-                ("attention", r"fmha|attention|flash|efficient|AttentionKernel"),
-                ("sort (top-p)", r"sort|radix|onesweep"), ("softmax, cumsum, search", r"softmax|scan|cumsum|searchsorted"),
-                ("indexing, copies", r"index|copy|memcpy|memset|cat|gather|scatter|fill")]
+        return profile_by_kind(lambda: isheep.decode_step(model, cache, 1.0, 0.95, cascade=False), model.device)
 
 
 def main():

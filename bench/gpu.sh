@@ -90,8 +90,9 @@ run tp_72b 75 python3 bench/tp_step.py --device cuda --tokenizer .gpu/tokenizer 
 #    Greedy token ids in fp32 against HF generate on each prompt alone, on a vocabulary the tokenizer covers
 run greedy_05b_fp32 40 "${G[@]}" --shape 0.5b --tokenizer-vocab --dtype fp32 --n 8 --max-new-tokens 64 --greedy --greedy-n 8 \
     --hf-batch-size --no-continuous
-# 2. SFT: isheep's packed step against padded batches and TRL's SFTTrainer, on 256 of the authors' pairs
-S=(python3 bench/sft.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --data .gpu/pairs.jsonl --n 256 --batch-size 16 --grad-accum 1 --padded-parts 1)
+# 2. SFT: isheep's packed step against padded batches and TRL's SFTTrainer, on 256 of the authors' pairs; then what
+#    one packed step's kernel time goes to (matmuls and their rate, attention, element-wise work, the optimizer)
+S=(python3 bench/sft.py --device cuda --dtype bf16 --tokenizer .gpu/tokenizer --data .gpu/pairs.jsonl --n 256 --batch-size 16 --grad-accum 1 --padded-parts 1 --profile)
 run sft_7b_lora 120 "${S[@]}" --shape 7b --lora-rank 16 --steps 4
 run sft_05b_full 75 "${S[@]}" --shape 0.5b --steps 8
 # 3. The other two generation stages on the 7B shape: this engine, then the baseline's, on the same workload

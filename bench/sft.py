@@ -15,8 +15,10 @@ for full fine-tuning; 4 for LoRA, whose frozen weights get no weight gradient; 6
 lm_head at the supervised positions alone, plus causal attention (3 x 2 x length^2 x heads x head_dim a layer).
 Over the time, that is the share of the matmul peak measured in the same run (and of the datasheet's, on a known
 GPU). max_loss_diff: the largest gap between the packed and the padded loss of the timed steps, from the same weights.
+--profile: what one more packed step's time goes to, by kind (matmuls, and their rate against the peak; attention;
+element-wise work; the optimizer), from torch's profiler: the GPU's kernels, or the CPU's ATen ops.
 
-    python bench/sft.py                      # the demo model, full fine-tuning, fp32, 4 timed steps (~8 min on 2 cores)
+    python bench/sft.py --profile            # the demo model, full fine-tuning, fp32, 4 timed steps (~8 min on 2 cores)
     python bench/sft.py --n 24 --batch-size 4 --micro 2 --steps 1 --max-len 64 --threads 1   # smoke test
     python bench/sft.py --device cuda --dtype bf16 --shape 7b --lora-rank 16 --tokenizer DIR   # a GPU
 """
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import isheep  # noqa: E402
-from common import add_model_args, load_bench_model, prepare_machine, prepare_model_machine, print_table, sync  # noqa: E402
+from common import (add_model_args, load_bench_model, prepare_machine, prepare_model_machine, print_table,  # noqa: E402
+                    profile_by_kind, sync)
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}   # dense TFLOP/s
 
@@ -65,8 +68,8 @@ def padded_step(model, optimizer, examples, micro_batches, autocast):
     return total
 
 
-def step_flops(model, examples, steps, lora):
-    """The useful FLOPs of these steps (see the docstring)."""
+def step_flops(model, examples, steps, lora, attention=True):
+    """The useful FLOPs of these steps (see the docstring); attention=False: the matmuls' alone."""
     from torch import nn
     c, cfg = (4 if lora else 6), model.config
     linear = sum(m.weight.numel() for m in model.get_decoder().layers.modules() if isinstance(m, nn.Linear))
@@ -76,7 +79,8 @@ def step_flops(model, examples, steps, lora):
     flops = 0
     for i in (i for s in steps for i in s):
         n, supervised = len(examples[i][0]), sum(y != -100 for y in examples[i][1][1:])
-        flops += (c * linear + 6 * adapters) * n + c * head * supervised + 3 * 2 * n * n * width * cfg.num_hidden_layers
+        flops += (c * linear + 6 * adapters) * n + c * head * supervised
+        flops += 3 * 2 * n * n * width * cfg.num_hidden_layers if attention else 0
     return flops
 
 
@@ -135,6 +139,7 @@ def main():
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (speed does not depend on it)")
     p.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (always on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, the epoch and the baseline's shuffle")
+    p.add_argument("--profile", action="store_true", help="then profile one more packed step: what its time goes to")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a shared machine use fewer")
     add_model_args(p)
     args = p.parse_args()
@@ -222,6 +227,8 @@ def main():
         computed = tokens if packed else sum(len(mb) * max(len(examples[i][0]) for i in mb) for s in plans[method] for mb in s)
         results.append(dict(method=method, s=seconds, computed=computed, memory=torch.cuda.max_memory_allocated() if gpu else 0))
         print(f"  {method}: {seconds:.1f} s, {tokens / seconds:.0f} real tok/s", flush=True)
+        if packed and args.profile:   # one more step, the first timed one again: what its time goes to
+            kinds = profile_by_kind(lambda: run(timed[0]), args.device)
     if gpu or args.trl:
         model.load_state_dict(start)
         try:
@@ -244,6 +251,13 @@ def main():
                   f"{r['memory'] / 1e9:.2f}" if gpu else "-"] for r in results])
     print(f"({'LoRA r=' + str(args.lora_rank) if lora else 'full fine-tuning'}, {args.dtype}; {flops / tokens / 1e9:.2f} GFLOP a "
           f"token; peak_frac: over the {peak:.1f} GFLOP/s measured here; max_loss_diff: packed vs padded, {k} steps)")
+    if args.profile:
+        busy, mm = sum(ms for _, _, ms in kinds), next((ms for kind, _, ms in kinds if kind == "matmul"), 0)
+        rate = step_flops(model, examples, timed[:1], lora, attention=False) / (mm / 1e3) / 1e9 if mm else 0
+        print(f"one packed step ({sum(len(examples[i][0]) for i in timed[0])} tokens) under the profiler: {busy / 1e3:.2f} s "
+              f"of {'kernel' if gpu else 'CPU'} time (a timed step: {ours['s'] / k:.2f} s); its matmuls ran at "
+              f"{rate / peak:.2f} of the measured peak's rate")
+        print_table(["kind", "events", "ms", "share"], [[k, n, f"{ms:.1f}", f"{ms / busy:.2f}"] for k, n, ms in kinds])
     summary = dict(ratio_vs_padded=f"{base['s'] / ours['s']:.3f}", ratio_vs_same_steps_padded=f"{results[1]['s'] / ours['s']:.3f}",
                    peak_fraction=f"{flops / ours['s'] / 1e9 / peak:.4f}", max_loss_diff=f"{max(diffs):.2e}",
                    tok_s=f"{tokens / ours['s']:.1f}", peak_gflops=f"{peak:.1f}", steps=k, batch_size=args.batch_size)
@@ -253,6 +267,8 @@ def main():
         summary.update(peak_mem_gb=f"{ours['memory'] / 1e9:.2f}", peak_mem_gb_padded=f"{results[1]['memory'] / 1e9:.2f}")
     if trl:
         summary["ratio_vs_trl"] = f"{trl['s'] / ours['s']:.3f}"
+    if args.profile:
+        summary.update(matmul_share=f"{mm / busy:.3f}", matmul_rate_fraction=f"{rate / peak:.3f}")
     print(" ".join(f"{key}={v}" for key, v in summary.items()))
 
 
