@@ -261,7 +261,7 @@ def main():
         print(f"one packed step ({sum(len(examples[i][0]) for i in timed[0])} tokens) under the profiler: {busy / 1e3:.2f} s "
               f"of {'kernel' if gpu else 'CPU'} time (a timed step: {ours['s'] / k:.2f} s); its matmuls ran at "
               f"{rate / peak:.2f} of the measured peak's rate")
-        print_table(["kind", "events", "ms", "share"], [[k, n, f"{ms:.1f}", f"{ms / busy:.2f}"] for k, n, ms in kinds])
+        print_table(["kind", "events", "ms", "share"], [[kind, n, f"{ms:.1f}", f"{ms / busy:.2f}"] for kind, n, ms in kinds])
     summary = dict(ratio_vs_padded=f"{base['s'] / ours['s']:.3f}", ratio_vs_same_steps_padded=f"{results[1]['s'] / ours['s']:.3f}",
                    peak_fraction=f"{flops / ours['s'] / 1e9 / peak:.4f}", max_loss_diff=f"{max(diffs):.2e}",
                    tok_s=f"{tokens / ours['s']:.1f}", peak_gflops=f"{peak:.1f}", steps=k, batch_size=args.batch_size)
