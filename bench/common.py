@@ -1,7 +1,9 @@
 """What the three benchmarks share: the machine's matmul peak and copy bandwidth, a plain-text
-table, and the model to measure (the demo model, or random weights of a real Qwen2 shape)."""
+table, the model to measure (the demo model, or random weights of a real Qwen2 shape), and
+what a profiled step's time goes to."""
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -109,7 +111,6 @@ KINDS = [("matmul", r"gemm|gemv|cutlass::Kernel|nvjet|xmma|cublas|splitk|^aten::
 def profile_by_kind(fn, device):
     """[(kind, events, ms)] of fn() under torch's profiler, most time first: a GPU's kernels (their device time), or
     a CPU's ATen ops (their self time, which adds up to the whole), sorted into KINDS."""
-    import re
     from torch.profiler import ProfilerActivity, profile
     gpu = torch.device(device).type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
