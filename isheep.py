@@ -573,7 +573,7 @@ def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
         with acc.accumulate(model), acc.autocast():
             logits = model(input_ids=ids[None].to(acc.device), position_ids=positions[None].to(acc.device),
                            logits_to_keep=keep.to(acc.device), cu_seq_lens_q=cu_seqlens.to(acc.device),
-                           max_length_q=int(positions.max()) + 1).logits.squeeze(0)   # [0]'s backward: a copy
+                           max_length_q=int(positions.max()) + 1).logits.squeeze(0)   # [0]'s backward: a zeroed copy
             part = F.cross_entropy(logits.float(), targets[keep].to(acc.device), reduction="sum") / step_tokens
             acc.backward(part * bool(batch) * world * accum)   # undoes accelerate's / accum and DDP's mean
             if acc.sync_gradients:
