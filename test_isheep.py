@@ -616,9 +616,9 @@ def test_the_merged_save_writes_shard_by_shard_the_weights_of_the_lora_forward(t
     assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in plain.items()}   # no lm_head: it is tied
     assert all(torch.equal(saved[k], merged[k]) for k in saved)
     shard = max(f.stat().st_size for f in files)
-    # a shard, plus its merge's fp32 temporaries (b @ a, its scaled copy), some freed to the allocator, not the OS;
-    # the merge of the whole state dict would hold the model once more
-    assert extra < 3 * shard < model_bytes / 5, (extra, shard, model_bytes)
+    # a shard, its merge's fp32 temporaries (b @ a, its scaled copy) and what the allocator keeps of earlier shards'
+    # (CI measured 2.3 shards); the merge of the whole state dict would hold the model once more
+    assert extra < 4 * shard < model_bytes / 4, (extra, shard, model_bytes)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     ids = torch.randint(0, len(tok), (2, 12))
     with torch.no_grad():
