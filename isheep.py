@@ -3,7 +3,7 @@ I-SHEEP: an LLM aligns itself from a base model and a small seed set, round afte
 with no outside data (Liang et al., "I-SHEEP: Self-Alignment of LLM from Scratch through an
 Iterative Self-Enhancement Paradigm", arXiv:2408.08072).
 
-One round t, model M_{t-1} (M_0 = the base model), each step a section below:
+One round t, model M_{t-1} (M_0 = the base model), each step a section below (the engine they call is an appendix):
   1. self-synthesis of instructions   M_{t-1} continues a few-shot list of seed tasks
   2. heuristic rules + ROUGE-L dedup   drop malformed and near-duplicate instructions
   3. self-synthesis of responses      M_{t-1} answers them zero-shot, in the training format
@@ -18,9 +18,6 @@ Run it:
   accelerate launch isheep.py --model Qwen/Qwen1.5-7B        # every GPU of a node, data parallel
   accelerate launch --config_file fsdp2.yaml isheep.py \\
       --model Qwen/Qwen1.5-72B --iters 3 --tp               # the 72B recipe (README, "Scaling up")
-
-Sections in pipeline order: prompts, data I/O, rules and ROUGE-L, self-synthesis, self-assessment, filtering, SFT,
-models, the iteration loop, main(); then an appendix, the generation engine (generate) that the steps call.
 """
 
 import argparse
@@ -33,7 +30,6 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -41,15 +37,25 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, init_empty_weights
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object
+from huggingface_hub import split_torch_state_dict_into_shards
+from jinja2 import TemplateError
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.distributed import DistributedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # -----------------------------------------------------------------------------
 # Prompts: they are the method, so they come first.
@@ -89,12 +95,10 @@ ADHERENCE_PROMPT = """Rate how well the response follows the instruction below o
 A high score means the response answers the instruction directly rather than continuing it, follows the format it \
 asks for, and the instruction itself is clear. A low score means it does not.""" + JUDGED_PAIR
 ASPECTS = {"quality": (QUALITY_PROMPT, "quality_score"), "adherence": (ADHERENCE_PROMPT, "following_score")}
-# The judge's reply is started for it: the score comes first even from a small model that would echo the prompt.
-JUDGE_REPLY_START = "Score (1-10): "
+JUDGE_REPLY_START = "Score (1-10): "   # the reply's given start: a score first, even from a model that echoes
 JUDGE_MAX_NEW_TOKENS = 10   # room for "10/10" and no more: the explanation is never read
 
-# Steps 3 and 7 share one prompt format: the tokenizer's chat template, or this one without it.
-PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"
+PLAIN_TEMPLATE = "### Instruction:\n{user}\n\n### Response:\n"   # steps 3 and 7's format without a chat template
 
 # The CPU demo: `python isheep.py` with no --model; explicit flags still win. A 135M model needs more attempts.
 DEMO = dict(iters=2, num_instructions=24, max_attempts=64, max_new_tokens=192, synth_max_new_tokens=256,
@@ -123,12 +127,16 @@ def seed_for(*parts):
 
 @contextlib.contextmanager
 def writing(path):
-    """Name the path in an OS error: a full disk fails in write() or fsync(), which name no file."""
+    """Put the path in an OS error (write() and fsync() give none), and make safetensors' "(os error N)" an OSError."""
     try:
         yield
     except OSError as e:
         e.filename = e.filename or str(path)
         raise
+    except Exception as e:
+        if not (code := re.search(r"\(os error (\d+)\)", str(e))):
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
 
 
 def read_jsonl(path):
@@ -157,7 +165,6 @@ def write_jsonl(path, rows, append=False):
 
 def broadcast_from_main(acc, fn):
     """Run fn on the main process only (it reads the files) and hand its result to every rank: all ranks agree."""
-    from accelerate.utils import broadcast_object_list
     return broadcast_object_list([fn() if acc.is_main_process else None])[0]   # one process: the list back as it is
 
 
@@ -340,7 +347,6 @@ def turn_boundary(tok):
         return eos, set(eos)
     turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<<ANSWER>>"},
              {"role": "user", "content": "<<NEXT>>"}]
-    from jinja2 import TemplateError
     try:
         text = tok.apply_chat_template(turns, tokenize=False)
     except TemplateError:   # a template that refuses a second user turn: what follows the answer
@@ -452,9 +458,10 @@ def parse_score(reply):
     return (int(score) if score.is_integer() else score) if 1 <= score <= 10 else None
 
 
-def self_assess(model, tok, pairs, path, *, acc, args, rnd, aspects, desc=None):
-    """Score every pair on each of its aspects (ASPECTS) with greedy decoding: a score is a measurement, sampling
-    would only add noise. Returns the pairs with the aspects' score keys (None where the reply had no score)."""
+def self_assess(model, tok, pairs, path, *, acc, args, rnd, assess="both", desc=None):
+    """Score every pair on the aspects `assess` names (ASPECTS) with greedy decoding: a score is a measurement,
+    sampling would only add noise. Returns the pairs with those score keys (None where the reply had no score)."""
+    aspects = [aspect for aspect in ASPECTS if assess in ("both", aspect)]
     prompts = [prompt_ids(tok, ASPECTS[a][0].format(**p), reply_start=JUDGE_REPLY_START)
                for a in aspects for p in pairs]
     replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
@@ -512,22 +519,21 @@ def pack(examples):
     ids = torch.tensor([t for x, _ in examples for t in x])
     positions = torch.cat([torch.arange(len(x)) for x, _ in examples])
     targets = torch.tensor([t for _, y in examples for t in y[1:] + [-100]])
-    cu_seqlens = torch.tensor([0, *itertools.accumulate(len(x) for x, _ in examples)], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0] + [len(x) for x, _ in examples]).cumsum(0, dtype=torch.int32)
     return ids, positions, targets, cu_seqlens
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None, max_length_q=None,
                      **kwargs):
     """Causal attention within each example of a packed row (1 x heads x tokens x head_dim), cut at cu_seq_lens_q: on
-    a GPU (bf16, Ampere+) one varlen FlashAttention call in autocast's dtype, as SDPA would (fp32 rotary makes fp32
-    queries); elsewhere a call per example, split off along the tokens (a split's backward is one cat)."""
+    a GPU (bf16, Ampere+) one varlen FlashAttention call in autocast's dtype (as SDPA); elsewhere one per example."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     if query.is_cuda and dtype != torch.float32 and torch.cuda.get_device_capability(query.device) >= (8, 0):
-        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))   # tokens x heads x head_dim
+        q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))   # fp32 rotary gives fp32 queries
         cu, n = cu_seq_lens_q, max_length_q
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scaling)[0]
         return out[None], None
-    parts = zip(*(t.split(cu_seq_lens_q.diff().tolist(), 2) for t in (query, key, value)))
+    parts = zip(*(t.split(cu_seq_lens_q.diff().tolist(), 2) for t in (query, key, value)))   # backward: one cat
     out = torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scaling, enable_gqa=True)
                      for qkv in parts], 2)
     return out.transpose(1, 2), None
@@ -539,9 +545,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # on the meta device: no values, no draws
 
     def forward(self, x):
@@ -559,9 +564,8 @@ def add_lora(model, rank, alpha):
 
 
 def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
-    """One optimizer step on the examples `step`, all ranks together: this rank's share (dealt by length) in
-    gradient_accumulation_steps packed rows, each loss over the whole step's supervised tokens (every rank knows the
-    count: no sync), so neither ranks nor cuts change the step. Returns (this rank's loss, grad norm, its tokens)."""
+    """One optimizer step on the examples `step`: this rank's share (dealt by length) in gradient_accumulation_steps
+    packed rows, each loss / the step's supervised tokens (all ranks know them: no sync). (loss, grad norm, tokens)"""
     world, accum = acc.num_processes, acc.gradient_accumulation_steps
     step_tokens = sum(sum(y != -100 for y in examples[i][1]) for i in step)
     share = sorted(step, key=lambda i: len(examples[i][0]))[acc.process_index::world]
@@ -588,9 +592,7 @@ def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
 
 
 def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
-    """Fine-tune model_ref on pairs, save the merged model to save_dir: (each step's loss, pairs too long to train).
-    Steps are tracked from first_step, so rounds share an axis."""
-    from tqdm.auto import tqdm
+    """Fine-tune model_ref on pairs, save the merged model to save_dir: (each step's loss, pairs too long to train)."""
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
     if not examples:
         die(f"round {rnd}: every kept prompt is longer than --max-len {args.max_len} tokens; raise it")
@@ -604,13 +606,10 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=True)
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
-    warmup = min(args.warmup_steps, total)
-
-    def lr_lambda(s):   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
-        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)   # not prepared: it would step per process
-    model, optimizer = acc.prepare(model, optimizer)   # together: FSDP2 needs both at once
+    warmup = min(args.warmup_steps, total)   # linear warmup, then cosine to zero (paper: 20 warmup steps, cosine)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    model, optimizer = acc.prepare(model, optimizer)   # together (FSDP2); not the scheduler: it would step per process
     # prepare() maps parameters by data pointer, which all meta tensors share: re-point them on the empty-built ranks
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -641,9 +640,6 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
 def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", progress=True):
     """The full model as from_pretrained reads it, LoRA folded in (fp32), one shard at a time (every rank gathers it,
     the main process merges and writes it); then index, configs and tokenizer, in save_dir.tmp, renamed whole."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
     model = acc.unwrap_model(model)
     state, names, seen = model.state_dict(keep_vars=True), {}, set()
     for key, t in state.items():   # a tied weight once, under its first name, as save_pretrained writes it
@@ -673,12 +669,7 @@ def save_model(model, tok, save_dir, *, acc, lora_scale=0.0, shard_size="5GB", p
                     if acc.is_main_process:
                         shard[key] = (shard[key].float() + lora_scale * b.float() @ a.float()).to(shard[key].dtype)
             if acc.is_main_process:
-                try:
-                    save_file({k: v.contiguous() for k, v in shard.items()}, tmp / filename, metadata={"format": "pt"})
-                except Exception as e:   # safetensors reports a full disk as "... (os error 28)", not as an OSError
-                    if not (code := re.search(r"\(os error (\d+)\)", str(e))):
-                        raise
-                    raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
+                save_file({k: v.contiguous() for k, v in shard.items()}, tmp / filename, metadata={"format": "pt"})
         if acc.is_main_process:
             if plan.is_sharded:
                 total = sum(state[v].numel() for v in names.values())
@@ -705,7 +696,6 @@ def demo_model_ref():
 
 
 def load_tokenizer(ref, args):
-    from transformers import AutoTokenizer
     path, gguf = ref
     try:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
@@ -723,8 +713,6 @@ def load_tokenizer(ref, args):
 
 def check_model(path, args):
     """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of work."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     folder = Path(path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         die(f"--model {path} has no config.json: a model folder needs config.json and its weights (*.safetensors), "
@@ -744,8 +732,6 @@ def check_model(path, args):
 def load_model(ref, args, acc, *, training=False):
     """Weights in bf16 on GPUs that support it, else fp32. For generation, a copy per rank or, with --tp, a slice
     (tp_plan); for training, on the CPU until prepare() places or shards it, attending packed rows."""
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
     path, gguf = ref
     kw = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code, gguf_file=gguf)
     if training:   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
@@ -759,7 +745,6 @@ def load_model(ref, args, acc, *, training=False):
     if training and plugin is not None and plugin.cpu_ram_efficient_loading:   # 145 GB at 72B: not once per rank
         print0(f"loading {gguf or path} on rank 0 alone; the other {acc.num_processes - 1} ranks wait for its weights")
         if not acc.is_main_process:   # the model on the meta device: prepare() broadcasts rank 0's weights into it
-            from accelerate import init_empty_weights
             config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
             with init_empty_weights():
                 model = AutoModelForCausalLM.from_config(config, dtype=kw["dtype"], attn_implementation=PACKED,
@@ -779,8 +764,7 @@ def load_model(ref, args, acc, *, training=False):
 
 NOW = {"where": "set-up"}   # what the run is doing: the line a signal ends it with names it
 FUNNEL = ["prompts", "parsed", "rules", "dedup", "answered", "response_rules", "scored", "kept"]
-# The final table's columns, and their short names
-TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",
+TABLE = dict(zip(FUNNEL, FUNNEL), response_rules="resp_rules", mean_quality_score="quality",   # the final table
              mean_following_score="adherence", share_quality_score_above_8="q>8", last_loss="loss",
              eval_quality="ev_qual", eval_adherence="ev_adh", eval_nll="eval_nll")
 
@@ -794,9 +778,8 @@ def track(acc, key, values, step, table=None):
     if not acc.is_main_process or not acc.trackers or key in LOGGED["keys"]:
         return
     acc.log(values, step=step)
-    for tracker in acc.trackers:
-        if table and hasattr(tracker, "log_table"):
-            tracker.log_table(*table, step=step)
+    for tracker in [t for t in acc.trackers if table and hasattr(t, "log_table")]:   # wandb, clearml
+        tracker.log_table(*table, step=step)
     LOGGED["keys"].add(key)
     write_file(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
 
@@ -812,7 +795,6 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
         return stats
     if acc.is_main_process:
         rdir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
     current = base_ref if rnd == 1 else (str(out / f"round_{rnd - 1}" / "model"), None)
     gen = {}   # the model loaded for generation now, if any: {"ref": ..., "model": ...}
 
@@ -844,7 +826,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
                                                    f"{name}/tok_s": tokens / seconds, f"{name}/seconds": seconds}, rnd)
         return rows
 
-    references = [s["instruction"] for s in seeds]
+    references = [s["instruction"] for s in seeds]   # what a new instruction must not repeat
     tasks = stage("instructions", lambda p: synthesize_instructions(model_for(current), tok, pool, references, p,
                                                                   acc=acc, args=args, rnd=rnd))
     pairs = stage("responses", lambda p: synthesize_responses(model_for(current), tok, tasks, p, acc=acc, args=args,
@@ -854,8 +836,7 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
     def assess(path):
         if args.threshold < 1 or not pairs:   # C = -1 or 0: the judge is never called
             return pairs, {}
-        aspects = [a for a in ASPECTS if args.assess in ("both", a)]
-        scored = self_assess(model_for(judge), tok, pairs, path, acc=acc, args=args, rnd=rnd, aspects=aspects)
+        scored = self_assess(model_for(judge), tok, pairs, path, acc=acc, args=args, rnd=rnd, assess=args.assess)
         return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
                             scored=sum(all(p[k] is not None for k in keys) for p in scored))
 
@@ -923,9 +904,7 @@ def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
         model = load_model(base_ref, args, acc)
     pairs = [dict(s, output=a["text"].strip()) for s, a in zip(heldout, answers)]
     scored = self_assess(model, tok, pairs, rdir / "eval_scores.raw.jsonl", acc=acc, args=args, rnd=rnd,
-                         aspects=list(ASPECTS), desc=f"round {rnd} eval judge")
-    del model
-    acc.free_memory()
+                         desc=f"round {rnd} eval judge")
     result, means = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1)), score_summary(scored)
     for aspect, (_, key) in ASPECTS.items():
         result[f"eval_{aspect}"] = means.get(f"mean_{key}")
@@ -969,8 +948,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="I-SHEEP: iterative self-alignment of an LLM from a base model and a seed "
                                 "set.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Model and data")
-    g.add_argument("--model", help="base model M_0, a hub id or folder (paper: Qwen-1.5 1.8B to 72B). "
-                                   "Omit it for the CPU demo on the bundled SmolLM2-135M-Instruct")
+    g.add_argument("--model", help="base model M_0, hub id or folder (paper: Qwen-1.5 1.8B-72B); omit: the CPU demo")
     g.add_argument("--seeds", default=str(Path(__file__).with_name("seeds.jsonl")), help="seed tasks, JSONL of "
                    "{instruction,input,output} or self-instruct's format (paper: the 175 self-instruct seeds)")
     g.add_argument("--out", default="isheep_out", help="output folder, one round_<t>/ per round; rerun to resume")
@@ -978,29 +956,24 @@ def parse_args(argv=None):
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code (from the hub)")
     g = p.add_argument_group("The method")
     g.add_argument("--iters", type=int, default=3, help="rounds T (paper: 3; 72B kept improving to 5)")
-    g.add_argument("--num-instructions", type=int, default=10000,
-                   help="instructions synthesized per round (paper: 10,000; ablation 10k-50k)")
+    g.add_argument("--num-instructions", type=int, default=10000, help="instructions a round (paper: 10,000)")
     g.add_argument("--max-attempts", type=int, help="prompts tried per round at most (default: num-instructions/2)")
     g.add_argument("--threshold", type=float, default=8, help="C: -1 raw data, 0 rules only, >=1 scores > C (paper: 8)")
     g.add_argument("--assess", choices=["both", *ASPECTS], default="both", help="scores that must pass C (paper: both)")
     g.add_argument("--judge", choices=["base", "current"], default="base", help="who scores: the base model, as in "
                    "the authors' code, or the current model, as the paper's text reads")
-    g.add_argument("--train-from", choices=["base", "previous"], default="base",
-                   help="SFT starts from M_0 (paper's best) or M_{t-1}")
+    g.add_argument("--train-from", choices=["base", "previous"], default="base", help="SFT from M_0 (paper) or M_{t-1}")
     g.add_argument("--train-data", choices=["latest", "cumulative"], default="latest",
-                   help="this round's data (paper's best) or all rounds'")
-    g.add_argument("--eval-size", type=int, help="seed tasks held out for evaluation, never shown as few-shot "
-                                                 "(default: 10%%, at least 8; 0 = off)")
+                   help="SFT data: the latest round's (paper's best) or every round's so far")
+    g.add_argument("--eval-size", type=int, help="seeds held out for evaluation (default: 10%%, at least 8; 0 = off)")
     g = p.add_argument_group("Generation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (paper: 1.0)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="response length cap; cut-off answers are dropped")
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
-    g.add_argument("--gen-batch-tokens", type=int, help="KV-cache tokens a decode holds, its rows x (longest prompt + "
-                   "new tokens) (default: on a GPU, what 70%% of the memory beside the weights holds; a quarter of the "
-                   "RAM on a CPU)")
-    g.add_argument("--tp", action="store_true", help="tensor-parallel generation across all processes (transformers "
-                                                     "tp_plan='auto'), for models that don't fit one GPU")
+    g.add_argument("--gen-batch-tokens", type=int, help="KV-cache tokens a decode holds (default: 70%% of a GPU's "
+                   "memory beside the weights; a quarter of a CPU's RAM)")
+    g.add_argument("--tp", action="store_true", help="tensor-parallel generation (tp_plan='auto'): models beyond a GPU")
     g = p.add_argument_group("SFT")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after "
                                                              "training; 0 = full fine-tuning (paper: LoRA)")
@@ -1008,16 +981,12 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
     g.add_argument("--batch-size", type=int, default=16, help="examples a step, all processes together (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="packed rows per process per step: more saves memory, same result")
+    g.add_argument("--grad-accum", type=int, default=1, help="packed rows per process a step: less memory, same result")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine decay (paper: 20)")
-    g.add_argument("--max-len", type=int, default=2048,
-                   help="longest prompt + response in tokens; longer prompts are skipped and counted")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward (non-reentrant): less memory, ~30%% slower")
+    g.add_argument("--max-len", type=int, default=2048, help="prompt + response tokens at most; longer prompts skipped")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     g = p.add_argument_group("Runtime")
-    g.add_argument("--seed", type=int, default=42,
-                   help="seed of every random choice; a resumed run repeats an uninterrupted one")
+    g.add_argument("--seed", type=int, default=42, help="seed of every random choice; resuming makes the same data")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank may wait in a collective (for "
                    "rank 0 to load or write a model) before the run ends")
@@ -1028,16 +997,13 @@ def parse_args(argv=None):
     if args.model is None:   # the CPU demo: small counts, in one visible place
         p.set_defaults(**DEMO)
         args = p.parse_args(argv)
-    for ok, msg in [(args.iters >= 1, "--iters must be at least 1"),
-                    (args.num_instructions >= 1, "--num-instructions must be at least 1"),
-                    (-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
-                    (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be >= 0 and --top-p in (0, 1]"),
-                    (min(args.max_new_tokens, args.max_len, args.epochs, args.batch_size, args.grad_accum) >= 1,
-                     "--max-new-tokens, --max-len, --epochs, --batch-size and --grad-accum must be at least 1"),
-                    (args.lora_rank >= 0 and args.warmup_steps >= 0 and args.lr > 0,
-                     "--lora-rank and --warmup-steps must be >= 0, --lr > 0"),
-                    ((args.max_attempts or 1) >= 1 and (args.eval_size or 0) >= 0 and args.dist_timeout > 0,
-                     "--max-attempts must be >= 1, --eval-size >= 0, --dist-timeout > 0")]:
+    for name, low in dict(iters=1, num_instructions=1, max_attempts=1, max_new_tokens=1, max_len=1, epochs=1,
+                          batch_size=1, grad_accum=1, lora_rank=0, warmup_steps=0, eval_size=0, temperature=0).items():
+        if (value := getattr(args, name)) is not None and value < low:   # None: a default derived below
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    for ok, msg in [(-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
+                    (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.lr > 0, "--lr must be > 0"),
+                    (args.dist_timeout > 0, "--dist-timeout must be > 0")]:
         if not ok:
             p.error(msg)
     args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
@@ -1051,7 +1017,7 @@ def claim_out(args, acc):
     lock it (flock on out/.lock by the main process: a second run stops at once, a kill -9 leaves no stale lock)."""
     out = Path(args.out)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
-    args.run_id = uuid.uuid4().hex[:12]   # the trackers' id of this run, kept in run.json across resumes
+    args.run_id = os.urandom(6).hex()   # the trackers' id of this run, kept in run.json across resumes
     if out.exists() and not out.is_dir():
         die(f"--out {out} is a file, not a folder")
     saved_path = out / "run.json"
@@ -1071,7 +1037,7 @@ def claim_out(args, acc):
             print0(f"warning: cannot lock --out {out} ({e.strerror}); make sure no other run uses it")
         else:
             held.truncate(0)
-            print(f"pid {os.getpid()} on host {socket.gethostname()}", file=held, flush=True)
+            print(f"pid {os.getpid()} on host {os.uname().nodename}", file=held, flush=True)
     if busy := broadcast_from_main(acc, lambda: busy):
         die(busy)
     if saved_path.exists():
@@ -1124,9 +1090,6 @@ def run(args):
     """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
     torch.backends.cuda.enable_cudnn_sdp(False)   # it plans anew for every new shape: every step and micro-batch
     keep_freed_memory()
-    from accelerate import Accelerator
-    from accelerate.tracking import get_available_trackers
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
     if missing := [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]:
         die(f"--report-to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]})")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
@@ -1148,9 +1111,8 @@ def run(args):
     first_start = args.overwrite or not (out / "run.json").exists()   # the trackers get the config once
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
     if args.report_to:   # TensorBoard: out/tracking/isheep; wandb: project "isheep", resumed by the id in run.json
-        LOGGED.update(path=out / "tracking" / "logged.json")
-        if acc.is_main_process and LOGGED["path"].exists():
-            LOGGED["keys"] = set(json.loads(LOGGED["path"].read_text()))
+        LOGGED["path"] = out / "tracking" / "logged.json"
+        LOGGED["keys"] = set(json.loads(LOGGED["path"].read_text()) if LOGGED["path"].exists() else [])
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                   for k, v in vars(args).items() if k not in NOT_IDENTITY} if first_start else None
         acc.init_trackers("isheep", config=config,
@@ -1214,8 +1176,6 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
              tp=False, batch_tokens=None, progress=True, desc="generate"):
     """prompts are token id lists; a unit whose items are all in `done` is skipped (resume). Units are dealt to the
     ranks (under --tp all run each), which all make the same gather_object calls, so none can hang."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
     eos = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     budget = batch_token_budget(model, batch_tokens, tp)
@@ -1289,10 +1249,8 @@ class Row:
 
 def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
            on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """(new tokens, finished) per prompt, item i drawing from random.Random(seeds[i]); waiting prompts are admitted
-    shortest first. gpu (default: on a GPU): SYNC_EVERY steps a window at a few row counts, CUDA graphs if `graphs`; tp:
-    all ranks in lockstep. trace, a list, gets each window's (steps, rows fed, row lengths)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    """(new tokens, finished) per prompt, drawing from random.Random(seeds[i]), admitted shortest first. gpu (on CUDA):
+    SYNC_EVERY steps a window, CUDA graphs if `graphs`; tp: ranks in lockstep; trace gets (steps, rows, lengths)."""
     device = model.device
     gpu = device.type == "cuda" if gpu is None else gpu
     window = SYNC_EVERY if gpu else 1
@@ -1396,9 +1354,8 @@ def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, t
 
 
 class SlotCache:
-    """A decode's KV cache, which attention layers write through update() as a transformers Cache: per layer, keys
-    and values of slots x columns x kv_heads (under --tp a slice) x head_dim; row r's position t is column t of
-    slot r. Per slot, the step's state: position, token, uniform draw."""
+    """A decode's KV cache, written through update() as a transformers Cache: per layer, keys and values of slots x
+    columns x kv_heads (--tp: a slice) x head_dim, row r's token t at [r, t]; per slot: position, token, draw."""
 
     def __init__(self, slots, columns, device):
         self.slots, self.columns, self.kv, self.batch, self.prefilling = slots, columns, {}, 0, None
@@ -1443,9 +1400,8 @@ class SlotCache:
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
            scale: float | None) -> torch.Tensor:   # typed, so torch.library.custom_op can wrap it (as a test does)
-    """Each row's query heads (rows x heads x head_dim) against the first used[r] columns of its slot's keys and values
-    (slots x columns x kv_heads x head_dim): on a GPU one memory-efficient attention kernel bounded by `used` (a KV
-    head's query heads as one sequence), which a graph replays with new lengths; on a CPU a call per row."""
+    """Each row's query heads (rows x heads x head_dim) on the first used[r] columns of its slot's keys and values: on
+    a GPU one memory-efficient kernel (a KV head's queries, one sequence) that a graph replays; on a CPU one per row."""
     n, heads, dim = query.shape
     columns, kv_heads = keys.shape[1:3]
     group = heads // kv_heads
@@ -1464,10 +1420,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: 
 
 @contextlib.contextmanager
 def slot_attention(model, cache):
-    """For one decode the model attends with "isheep_slots": a prefill (which passes a mask) through SDPA, a step
-    (no mask) through attend() on the cache's rows. Then its own attention is back."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """For one decode the model attends with "isheep_slots": a prefill (masked) by SDPA, a step by attend()."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if attention_mask is not None:

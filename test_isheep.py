@@ -1174,7 +1174,6 @@ def test_collectives_wait_dist_timeout_minutes_not_torchs_ten(monkeypatch, tmp_p
     """Rank 0 alone loads and writes each round's model (145 GB at 72B) while the other ranks wait in a collective:
     the process group is started with --dist-timeout minutes."""
     import datetime
-    import accelerate
     handlers = []
 
     class Started(Exception):
@@ -1183,7 +1182,7 @@ def test_collectives_wait_dist_timeout_minutes_not_torchs_ten(monkeypatch, tmp_p
     def accelerator(**kw):
         handlers.extend(kw["kwargs_handlers"])
         raise Started
-    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    monkeypatch.setattr(isheep, "Accelerator", accelerator)
     for flags, minutes in [([], 120), (["--dist-timeout", "7.5"], 7.5)]:
         handlers.clear()
         with pytest.raises(Started):
@@ -1234,7 +1233,9 @@ def test_bad_seed_file(tmp_path, content, words):
 
 
 @pytest.mark.parametrize("flags, words", [(["--iters", "0"], "--iters"), (["--threshold", "11"], "--threshold"),
-                                          (["--num-instructions", "-5"], "--num-instructions")])
+                                          (["--num-instructions", "-5"], "--num-instructions"),
+                                          (["--eval-size", "-1"], "--eval-size must be at least 0"),
+                                          (["--top-p", "0"], "--top-p must be in (0, 1]")])
 def test_bad_numbers(tmp_path, flags, words):
     r = run_cli(tmp_path / "out", *flags)
     assert r.returncode == 2 and words in r.stderr and not (tmp_path / "out").exists()
@@ -1415,9 +1416,9 @@ def full_open(path, mode="r", **kw):
 isheep.open = full_open
 """,
     "model save": """
-import safetensors, safetensors.torch
+import safetensors
 def full(*a, **kw): raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-safetensors.torch.save_file = full
+isheep.save_file = full
 """,
 }
 
