@@ -461,14 +461,14 @@ def parse_score(reply):
 def self_assess(model, tok, pairs, path, *, acc, args, rnd, assess="both", desc=None):
     """Score every pair on the aspects `assess` names (ASPECTS) with greedy decoding: a score is a measurement,
     sampling would only add noise. Returns the pairs with those score keys (None where the reply had no score)."""
-    aspects = [aspect for aspect in ASPECTS if assess in ("both", aspect)]
-    prompts = [prompt_ids(tok, ASPECTS[a][0].format(**p), reply_start=JUDGE_REPLY_START)
-               for a in aspects for p in pairs]
+    aspects = [(prompt, key) for prompt, key in ASPECTS.values() if key in score_keys(assess)]
+    prompts = [prompt_ids(tok, prompt.format(**p), reply_start=JUDGE_REPLY_START) for prompt, _ in aspects
+               for p in pairs]
     replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
                              max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
                              stop_strings=["||"], seed=(args.seed, rnd, "judge"))
     scored = [dict(p) for p in pairs]
-    for a, key in enumerate(ASPECTS[aspect][1] for aspect in aspects):
+    for a, (_, key) in enumerate(aspects):
         for p, r in zip(scored, replies[a * len(pairs):]):
             p[key], p[key.replace("score", "reply")] = parse_score(r["text"]), r["text"]
     return scored
