@@ -39,17 +39,21 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, init_empty_weights
+import transformers.distributed.mixin
+import transformers.distributed.utils
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, init_empty_weights
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, gather_object
 from huggingface_hub import split_torch_state_dict_into_shards
 from jinja2 import TemplateError
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -364,14 +368,14 @@ def stop_token_ids(tok, model):
     return sorted(i for i in ids if i is not None)
 
 
-def generate_stage(path, model, tok, prompts, *, acc, args, first=0, **kw):
+def generate_stage(path, model, tok, prompts, *, acc, args, place, first=0, **kw):
     """generate() with resume: each item appended to `path` (as first + i) and read back on a rerun; in prompt order."""
     saved = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else [])
     if acc.is_main_process:   # rewrite cleanly, so a torn last line can't swallow the next append
         write_jsonl(path, saved)
     done = {r["i"] - first: r for r in saved if first <= r["i"] < first + len(prompts)}
-    for chunk in generate(model, tok, prompts, acc=acc, done=done, tp=args.tp, batch_tokens=args.gen_batch_tokens,
-                          progress=not args.no_progress, **kw):
+    for chunk in generate(model, tok, prompts, acc=acc, done=done, tp=place.tp, memory=place.memory,
+                          batch_tokens=args.gen_batch_tokens, progress=not args.no_progress, **kw):
         done.update({i: dict(r, i=first + i) for i, r in chunk.items()})
         if acc.is_main_process:
             write_jsonl(path, [done[i] for i in chunk], append=True)
@@ -395,7 +399,7 @@ def parse_tasks(completion, first_number, cut_off):
             for m in found if m and m[1]]
 
 
-def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rnd):
+def synthesize_instructions(model, tok, pool, references, path, *, acc, args, place, rnd):
     """Prompts of FEW_SHOT random seeds, in waves, until args.num_instructions instructions pass the rules and dedup or
     args.max_attempts prompts are tried. Prompt k depends on (seed, round, k) alone: a resumed run makes it again."""
     target, cap, prompts, kept = args.num_instructions, args.max_attempts, [], []
@@ -407,7 +411,7 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
         for k in range(start, start + wave):
             rng = random.Random(seed_for(args.seed, rnd, "few-shot", k))
             prompts.append(encode_prompt(tok, synthesis_prompt(rng.sample(pool, FEW_SHOT)), raw=True))
-        done = generate_stage(path, model, tok, prompts[start:], first=start, acc=acc, args=args,
+        done = generate_stage(path, model, tok, prompts[start:], first=start, acc=acc, args=args, place=place,
                               desc=f"round {rnd} instructions", max_new_tokens=args.synth_max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,
                               stop_strings=[f"Task {STOP_AT_TASK}"], seed=(args.seed, rnd, "synth", start))
@@ -429,11 +433,11 @@ def synthesize_instructions(model, tok, pool, references, path, *, acc, args, rn
     return kept[:target], dict(prompts=len(prompts), **stats, dedup=len(kept))
 
 
-def synthesize_responses(model, tok, tasks, path, *, acc, args, rnd):
+def synthesize_responses(model, tok, tasks, path, *, acc, args, place, rnd):
     """Answer every task zero-shot in the training format: the pairs that pass the response rules, and the counts."""
     prompts = [prompt_ids(tok, t["instruction"], t["input"]) for t in tasks]
     fits = [i for i, p in enumerate(prompts) if len(p) < args.max_len]
-    done = generate_stage(path, model, tok, [prompts[i] for i in fits], acc=acc, args=args,
+    done = generate_stage(path, model, tok, [prompts[i] for i in fits], acc=acc, args=args, place=place,
                           desc=f"round {rnd} responses", max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=(args.seed, rnd, "responses"))
     pairs = [dict(tasks[i], output=r["text"].strip(), finished=r["finished"]) for i, r in zip(fits, done)]
@@ -458,13 +462,14 @@ def parse_score(reply):
     return (int(score) if score.is_integer() else score) if 1 <= score <= 10 else None
 
 
-def self_assess(model, tok, pairs, path, *, acc, args, rnd, assess="both", desc=None):
+def self_assess(model, tok, pairs, path, *, acc, args, place, rnd, assess="both", desc=None):
     """Score every pair on the aspects `assess` names (ASPECTS) with greedy decoding: a score is a measurement,
     sampling would only add noise. Returns the pairs with those score keys (None where the reply had no score)."""
     aspects = [(prompt, key) for prompt, key in ASPECTS.values() if key in score_keys(assess)]
     prompts = [prompt_ids(tok, prompt.format(**p), reply_start=JUDGE_REPLY_START) for prompt, _ in aspects
                for p in pairs]
-    replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, desc=desc or f"round {rnd} judge",
+    replies = generate_stage(path, model, tok, prompts, acc=acc, args=args, place=place,
+                             desc=desc or f"round {rnd} judge",
                              max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0, top_p=1.0,
                              stop_strings=["||"], seed=(args.seed, rnd, "judge"))
     scored = [dict(p) for p in pairs]
@@ -539,6 +544,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, cu
     return out.transpose(1, 2), None
 
 
+AttentionInterface.register(PACKED, packed_attention)
+
+
 class LoRALinear(nn.Module):
     """y = W x + (alpha/r) B A x, W frozen, B starting at zero; A and B fp32 master weights, run in bf16 by autocast."""
 
@@ -553,12 +561,16 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
 
+def lora_targets(model):
+    """(parent, name, linear) of every linear layer inside the transformer blocks (attention, MLP)."""
+    return [(parent, name, child) for parent in model.get_decoder().layers.modules()
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+
+
 def add_lora(model, rank, alpha):
-    """Wrap every linear layer inside the transformer blocks (attention and MLP); freeze the rest."""
+    """Wrap every linear layer of lora_targets; freeze the rest."""
     model.requires_grad_(False)
-    targets = [(parent, name, child) for parent in model.get_decoder().layers.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name, child in targets:
+    for parent, name, child in lora_targets(model):
         setattr(parent, name, LoRALinear(child, rank, alpha))
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
@@ -591,13 +603,13 @@ def sft_step(model, optimizer, examples, step, *, acc, scheduler=None):
     return loss, grad_norm, tokens
 
 
-def sft(model_ref, tok, pairs, save_dir, *, acc, args, rnd, first_step=0):
+def sft(model_ref, tok, pairs, save_dir, *, acc, args, place, rnd, first_step=0):
     """Fine-tune model_ref on pairs, save the merged model to save_dir: (each step's loss, pairs too long to train)."""
     examples = [e for e in (tokenize_pair(tok, p, args.max_len) for p in pairs) if e is not None]
     if not examples:
         die(f"round {rnd}: every kept prompt is longer than --max-len {args.max_len} tokens; raise it")
-    model = load_model(model_ref, args, acc, training=True)
-    if args.gradient_checkpointing:
+    model = load_model(model_ref, args, acc, place, training=True)
+    if place.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if args.lora_rank:
@@ -711,34 +723,110 @@ def load_tokenizer(ref, args):
     return tok
 
 
-def check_model(path, args):
-    """Fail fast, in one line, on a --model that from_pretrained would refuse after minutes of work."""
+# The model types whose greedy ids isheep's engine was shown to equal HF generate's (the test's
+# sweep of every causal-LM family transformers ships, on tiny random models). Any other is refused
+# before a weight is read: soft-capped or MLA attention, attention sinks, recurrent or linear
+# layers, encoder-decoders and older caches the engine does not implement (README, "Models").
+SERVED = set("""afmoe apertus apertus1p5_text arcee aria_text beam bitnet codegen cohere cohere2 cohere2_moe
+    cohere_compass_text cwm dbrx dots1 emu3 ergo ernie4_5 ernie4_5_moe exaone exaone4 exaone_moe
+    flex_olmo fuyu gemma gemma3 gemma3_text gemma3n_text gemma4 gemma4_text gemma4_unified
+    gemma4_unified_text glm glm4 glm4_moe got_ocr2 gpt-sw3 gpt2 gpt_bigcode gpt_neox gptj granite
+    granitemoe granitemoeshared helium hunyuan_v1_dense hunyuan_v1_moe hy_v3 hyperclovax internlm3
+    iquestcoder jais2 kolibri1 kolibri1_1 laguna lfm2 llama llama4 llama4_text mellum minicpm5_moe
+    minimax_m2 minimax_m3_vl_text ministral ministral3 mistral mixtral modernbert-decoder moshi
+    moss_transcribe_diarize nanochat nemotron olmo olmo2 olmo3 olmoe param2moe persimmon phi phi3
+    phi4_multimodal phimoe qwen2 qwen2_moe qwen3 qwen3_moe sarvam_moe seed_oss smollm3 solar_open
+    stablelm starcoder2""".split())
+
+
+def model_config(ref, args, weights=True):
+    """The model's config, read alone (no weight): from the folder, the hub's config.json, or the
+    GGUF file. Fails fast, in one line, on a --model that from_pretrained would refuse after
+    minutes of work; weights=False: a folder may hold a config without weights (--plan)."""
+    path, gguf = ref
     folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        die(f"--model {path} has no config.json: a model folder needs config.json and its weights (*.safetensors), "
-            f"as save_pretrained writes them")
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if folder.is_dir() and not gguf and not (folder / "config.json").is_file():
+        die(f"--model {path} has no config.json: a model folder needs config.json and its weights "
+            f"(*.safetensors), as save_pretrained writes them")
+    if weights and folder.is_dir() and not gguf and not any(folder.glob("*.safetensors")) \
+            and not any(folder.glob("*.bin")):
         die(f"--model {path} holds no weights (no *.safetensors or *.bin file)")
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         die(f"cannot read the config of --model {path}: {str(e).splitlines()[0]}")
     if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             and "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {})):
         die(f"--model {path} is a {config.model_type!r} model, not a causal language model "
             f"(AutoModelForCausalLM cannot load it); I-SHEEP needs a base LM such as Qwen/Qwen1.5-7B")
+    if config.model_type not in SERVED:
+        die(f"--model {path} is a {config.model_type!r} model, whose attention or cache isheep's generation "
+            f"does not implement (README, 'Models': the families it serves, and why others are refused)")
+    return config
 
 
-def load_model(ref, args, acc, *, training=False):
-    """Weights in bf16 on GPUs that support it, else fp32. For generation, a copy per rank or, with --tp, a slice
-    (tp_plan); for training, on the CPU until prepare() places or shards it, attending packed rows."""
+# What `accelerate launch` exports to every rank under an FSDP config, and all that transformers'
+# is_fsdp_enabled() reads: while both are set, every from_pretrained takes FSDP's rank-0 path,
+# which leaves non-persistent buffers (rotary inv_freq) on the CPU of ranks 1..N-1.
+FSDP_LOADING_ENV = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
+@contextlib.contextmanager
+def fsdp_loading(wanted):
+    """from_pretrained with FSDP's loading path only where it is wanted (training), never for a
+    generation model: there every rank holds all of its parameters and buffers on its device."""
+    hidden = {} if wanted else {k: os.environ.pop(k) for k in FSDP_LOADING_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The plan as this run acts on it: the weights' dtype, generation's (dp, tp) device mesh
+    (None: a whole copy per rank), gradient checkpointing, and the memory a device may use."""
+    dtype: torch.dtype
+    mesh: object = None
+    checkpointing: bool = False
+    memory: float | None = None
+
+    @property
+    def tp(self):   # this rank's tensor-parallel process group, or None
+        return self.mesh["tp"].get_group() if self.mesh is not None else None
+
+
+@contextlib.contextmanager
+def tensor_parallel_groups(mesh):
+    """from_pretrained slices a model over every rank: its mesh builder (transformers 5's
+    initialize_distributed_mesh, not a public API) always spans the world. For groups smaller
+    than that (2 groups of 4 on 8 GPUs; a node each on 2 nodes), it gets this run's (dp, tp)
+    mesh for the call, as its (pp, dp_replicate, fsdp, tp) layout: TP over tp, copies over dp."""
+    if mesh is None or mesh["dp"].size() == 1:
+        yield
+        return
+    dense = mesh._unflatten("dp", (1, mesh["dp"].size(), 1), ("pp", "dp_replicate", "fsdp"))
+    device = torch.device(mesh.device_type, int(os.environ.get("LOCAL_RANK", 0))) \
+        if mesh.device_type == "cuda" else torch.device("cpu")
+    saved = transformers.distributed.mixin.initialize_distributed_mesh
+    transformers.distributed.mixin.initialize_distributed_mesh = lambda config: (
+        device, transformers.distributed.utils.TransformersDeviceMesh(dense, dense))
+    try:
+        yield
+    finally:
+        transformers.distributed.mixin.initialize_distributed_mesh = saved
+
+
+def load_model(ref, args, acc, place, *, training=False):
+    """Weights in place.dtype (bf16 on GPUs that support it, else fp32). For generation, a copy per
+    rank or a slice per rank of a tensor-parallel group (tp_plan); for training, on the CPU until
+    prepare() places or shards it, attending packed rows."""
     path, gguf = ref
-    kw = dict(dtype=args.dtype, trust_remote_code=args.trust_remote_code, gguf_file=gguf)
+    kw = dict(dtype=place.dtype, trust_remote_code=args.trust_remote_code, gguf_file=gguf)
     if training:   # full fine-tuning keeps fp32 master weights (bf16 autocast on GPU)
-        AttentionInterface.register(PACKED, packed_attention)
-        kw.update(attn_implementation=PACKED, dtype=args.dtype if args.lora_rank else torch.float32)
-    elif args.tp:
-        kw.update(distributed_config=DistributedConfig(tp_plan="auto"))
+        kw.update(attn_implementation=PACKED, dtype=place.dtype if args.lora_rank else torch.float32)
+    elif place.mesh is not None:
+        kw.update(distributed_config=DistributedConfig(tp_plan="auto", tp_size=place.mesh["tp"].size()))
     else:
         kw.update(device_map={"": acc.device})
     plugin = getattr(acc.state, "fsdp_plugin", None)
@@ -751,11 +839,166 @@ def load_model(ref, args, acc, *, training=False):
                                                          trust_remote_code=args.trust_remote_code)
             model.tie_weights()   # as from_pretrained ties them: FSDP2 maps the tied pair to one parameter
             return model
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    with fsdp_loading(training), tensor_parallel_groups(None if training else place.mesh):
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if gguf:   # GGUF weights arrive dequantized, but the quantizer marker blocks save_pretrained
         model.hf_quantizer = model.config.quantization_config = None
         model.is_quantized = False
     return model if training else model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Placement: where each stage's model goes, decided from the model's config and the devices
+# before any weight is read, by the arithmetic a user would do by hand (README, "Scaling up").
+
+GB = 1e9
+USABLE = 0.95      # of a device's memory; the rest: the CUDA context, sampling, a prefill
+DECODE_ROWS = 4    # a decode worth running holds this many rows of --max-len + --max-new-tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    nodes: int
+    gpus: int        # per node: one process each
+    memory: float    # bytes isheep may use on each device
+
+    def __str__(self):
+        return f"{self.nodes}x" * (self.nodes > 1) + f"{self.gpus}x{self.memory / GB:.3g}GB"
+
+
+def parse_hardware(text):
+    """'8x80GB' (one node of 8 GPUs of 80 GB), '2x8x80GB' (two such nodes), '1x24GB'."""
+    if not (m := re.fullmatch(r"(?:(\d+)x)?(\d+)x(\d+(?:\.\d+)?)GB", text.strip(), re.IGNORECASE)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not GPUSxMEMORY like 8x80GB (or 2x8x80GB)")
+    return Hardware(int(m[1] or 1), int(m[2]), float(m[3]) * GB)
+
+
+def this_hardware(device_memory=None):
+    """The devices of this run: accelerate launch's processes per node (one per GPU) and nodes;
+    each GPU's memory, or a CPU process's share of RAM; at most --device-memory GB."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / per_node
+    memory = min(memory, device_memory * GB) if device_memory else memory
+    return Hardware(int(os.environ.get("WORLD_SIZE", 1)) // per_node, per_node, memory)
+
+
+def kv_bytes_per_token(config, itemsize):
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def model_sizes(config, lora_rank, trust_remote_code=False):
+    """Counts from the model built on the meta device (no memory, no weights): parameters, LoRA's,
+    decoder layers, the largest layer's parameters, and the values a token keeps for backward
+    in one layer: ~8 hidden-wide (norms, q k v, attention, residuals) and ~4 MLP-wide (gate, up,
+    their activation and product; a mixture of experts runs num_experts_per_tok MLPs)."""
+    with torch.device("meta"):   # (init_empty_weights would untie tied embeddings)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers, c = model.get_decoder().layers, config.get_text_config()
+    mlp = (getattr(c, "moe_intermediate_size", None) or getattr(c, "intermediate_size", None)
+           or 4 * c.hidden_size) * (getattr(c, "num_experts_per_tok", None) or 1)
+    return dict(params=sum(p.numel() for p in model.parameters()), layers=len(layers),
+                lora=sum(lora_rank * (m.in_features + m.out_features) for *_, m in lora_targets(model)),
+                layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                activations=8 * c.hidden_size + 4 * mlp)
+
+
+def total(stage):
+    return stage["weights"] + stage["memory"] + stage["activations"]
+
+
+def plan_placement(config, hw, args, itemsize=2, user_fsdp=False):
+    """Each stage's placement on hw, its GB per GPU, and whether the run fits. Generation: a
+    whole copy per GPU where it fits beside DECODE_ROWS rows of KV cache, else the smallest
+    tensor-parallel group within a node that does (--tp N: that one). Training: DDP where the
+    model, its optimizer state and a packed row's activations fit one GPU, else FSDP2 over all
+    ranks; with gradient checkpointing, then fewer examples per packed row, where needed."""
+    c, n = config.get_text_config(), model_sizes(config, args.lora_rank, args.trust_remote_code)
+    usable, world = USABLE * hw.memory, hw.nodes * hw.gpus
+    heads = [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]
+    # 1) generation: the weights and a decode's KV cache, each sliced over the group
+    kv = DECODE_ROWS * (args.max_len + args.max_new_tokens) * kv_bytes_per_token(c, itemsize)
+    tps = [t for t in range(1, hw.gpus + 1) if hw.gpus % t == 0 and all(h % t == 0 for h in heads)]
+    if args.tp:   # the user's choice
+        if (t := hw.gpus if args.tp == -1 else args.tp) not in tps:
+            die(f"--tp {t}: tensor parallelism needs a number of GPUs that divides the node's {hw.gpus} "
+                f"and the model's {heads[0]} attention and {heads[1]} key/value heads: one of {tps}")
+        tps = [t]
+    gens = [dict(tp=t, weights=n["params"] * itemsize / t, memory=kv / t, activations=0) for t in tps]
+    # 2) training: frozen weights in the dtype and LoRA's fp32 weights, gradients and AdamW
+    # moments (16 bytes a parameter), or all of those for every parameter (full fine-tuning)
+    weights, optimizer = ((n["params"] * itemsize + n["lora"] * 4, n["lora"] * 12) if args.lora_rank
+                          else (n["params"] * 4, n["params"] * 12))
+    per_rank, trains = math.ceil(args.batch_size / world), []
+    for sharding in ["fsdp2"] if user_fsdp else ["ddp", "fsdp2"] if world > 1 else ["ddp"]:
+        shards = world if sharding == "fsdp2" else 1
+        gathered = 2 * n["layer"] * itemsize if sharding == "fsdp2" else 0   # two, with prefetch
+        for ckpt in [True] if args.gradient_checkpointing else [False, True]:
+            for accum in [args.grad_accum] if args.grad_accum else [1, 2, 4, 8, 16, 32, 64, 128]:
+                rows = math.ceil(per_rank / accum)
+                # with checkpointing a layer keeps its input alone, and one layer is recomputed
+                kept = (c.hidden_size * n["layers"] + n["activations"] if ckpt
+                        else n["activations"] * n["layers"])
+                # logits at the supervised tokens (a response: at most --max-new-tokens), in the
+                # dtype, an fp32 copy for the loss, and its gradient
+                logits = min(args.max_len, args.max_new_tokens) * c.vocab_size * (itemsize + 8)
+                trains.append(dict(sharding=sharding, checkpointing=ckpt, grad_accum=accum,
+                                   weights=weights / shards + gathered, memory=optimizer / shards,
+                                   activations=rows * (args.max_len * kept * itemsize + logits)))
+                if rows == 1:
+                    break
+    generation = next((g for g in gens if total(g) <= usable), gens[-1])
+    training = next((t for t in trains if total(t) <= usable), min(trains, key=total))
+    return dict(generation=generation, training=training, usable=usable, world=world,
+                fits=total(generation) <= usable and total(training) <= usable)
+
+
+def plan_lines(plan, hw, name):
+    """The plan as a table (GB per GPU), then one line: generation=.. training=.. checkpointing=..
+    fits=.. (what --plan ends with)."""
+    g, t, usable = plan["generation"], plan["training"], plan["usable"]
+    place = "dp: a copy per GPU" if g["tp"] == 1 else f"tp{g['tp']} x {plan['world'] // g['tp']} groups"
+    train = t["sharding"] + ", checkpointing" * t["checkpointing"] + (
+        f", {t['grad_accum']} rows a step" if t["grad_accum"] > 1 else "")
+    def cells(stage):
+        return [f"{x / GB:.1f}" for x in (stage["weights"], stage["memory"], stage["activations"],
+                                           total(stage), usable)]
+    rows = [("stage", "placement", "weights", "KV cache | optimizer", "activations", "total", "usable"),
+            ("generation", place, *cells(g)), ("training", train, *cells(t))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return [f"placement of {name} on {hw}, GB per GPU:", *table,
+            f"generation={'dp' if g['tp'] == 1 else 'tp%d' % g['tp']} training={t['sharding']} "
+            f"checkpointing={'on' if t['checkpointing'] else 'off'} fits={'yes' if plan['fits'] else 'no'}"]
+
+
+def why_it_does_not_fit(plan, hw, config, name, lora_rank):
+    """The one line a run that can't fit stops with: what is needed, and what would fit."""
+    g, t, usable, c = plan["generation"], plan["training"], plan["usable"], config.get_text_config()
+    parts = []
+    if total(g) > usable:
+        # the fewest GPUs that would hold it: a tensor-parallel group must divide the heads
+        heads = [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]
+        need = math.ceil(g["tp"] * total(g) / usable)
+        gpus = next((t for t in range(need, heads[0] + 1) if all(h % t == 0 for h in heads)), None)
+        parts.append(f"generation needs {total(g) / GB:.3g} GB a GPU over {g['tp']} GPU(s) (weights "
+                     f"{g['weights'] / GB:.3g}, KV cache {g['memory'] / GB:.3g}): "
+                     + (f"about {gpus} such GPUs in one node would hold it" if gpus else
+                        "tensor parallelism can't slice it thin enough for these GPUs"))
+    if total(t) > usable:
+        state = (t["weights"] + t["memory"]) * (plan["world"] if t["sharding"] == "fsdp2" else 1)
+        gpus = math.ceil(state / max(usable - t["activations"], 1))
+        parts.append(f"{'LoRA' if lora_rank else 'full fine-tuning'} needs {total(t) / GB:.3g} GB a GPU "
+                     f"at best ({t['sharding']}" + ", gradient checkpointing" * t["checkpointing"] + "): "
+                     + ("LoRA (--lora-rank 16, as the authors did) or " if not lora_rank else "")
+                     + f"about {gpus} such GPUs would hold it")
+    return f"{name} does not fit {hw} ({usable / GB:.3g} GB usable a GPU): " + "; ".join(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -784,91 +1027,117 @@ def track(acc, key, values, step, table=None):
     write_file(LOGGED["path"], json.dumps(sorted(LOGGED["keys"])))
 
 
-def run_iteration(rnd, base_ref, tok, seeds, pool, *, acc, args):
-    """One round of I-SHEEP: model M_{rnd-1} -> data -> model M_rnd. Returns the round's metrics."""
+class Resident:
+    """The one generation model loaded now. Consecutive stages that use the same model share it
+    (a round's generator, which also answers the held-out tasks; the base model as judge of the
+    round and of the evaluation); it is freed before another loads, and before training."""
+
+    def __init__(self, args, acc, place):
+        self.args, self.acc, self.place, self.ref, self.model = args, acc, place, None, None
+
+    def get(self, ref):
+        if ref != self.ref:
+            self.free()
+            self.model, self.ref = load_model(ref, self.args, self.acc, self.place), ref
+        return self.model
+
+    def free(self):
+        self.model = self.ref = None
+        self.acc.free_memory()
+
+
+def run_iteration(rnd, base_ref, tok, seeds, pool, heldout, models, *, acc, args, place):
+    """One round of I-SHEEP: model M_{rnd-1} -> data -> model M_rnd. While M_{rnd-1} and the base
+    model are loaded for the round, they also evaluate M_{rnd-1} on the held-out tasks. Returns
+    the round's metrics and that evaluation."""
     out = Path(args.out)
     rdir = out / f"round_{rnd}"
     stats_path = rdir / "stats.json"
     stats = broadcast_from_main(acc, lambda: json.loads(stats_path.read_text()) if stats_path.exists() else
                                 {"round": rnd})
+    current = base_ref if rnd == 1 else (str(out / f"round_{rnd - 1}" / "model"), None)
+    evaluation = Evaluation(rnd - 1, current, base_ref, heldout, tok, models, acc=acc, args=args, place=place)
     if (rdir / "model").exists():
-        return stats
+        return stats, evaluation.result or {}
     if acc.is_main_process:
         rdir.mkdir(parents=True, exist_ok=True)
-    current = base_ref if rnd == 1 else (str(out / f"round_{rnd - 1}" / "model"), None)
-    gen = {}   # the model loaded for generation now, if any: {"ref": ..., "model": ...}
-
-    def model_for(ref):
-        if gen.get("ref") != ref:
-            gen.clear()
-            acc.free_memory()
-            gen.update(ref=ref, model=load_model(ref, args, acc))
-        return gen["model"]
-
-    def stage(name, compute):
-        """Load the stage's output file if a previous run finished it, else compute and write it."""
-        path = rdir / f"{name}.jsonl"
-        rows = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else None)
-        if rows is None:
-            NOW["where"], t0 = f"round {rnd}, stage {name}", time.time()
-            raw = rdir / f"{name}.raw.jsonl"   # raw generations, kept for inspection
-            before = len(read_jsonl(raw)) if raw.exists() else 0
-            rows, st = compute(raw)
-            seconds = time.time() - t0
-            stats.update(st, **{f"time_{name}": round(seconds, 1)})
-            if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
-                write_file(stats_path, json.dumps(stats, indent=1))
-                write_jsonl(path, rows)
-            made = read_jsonl(raw)[before:] if raw.exists() else []   # what this process generated
-            if made:
-                tokens = sum(r["tokens"] for r in made)
-                track(acc, f"round {rnd} {name}", {f"{name}/items": len(made), f"{name}/tokens": tokens,
-                                                   f"{name}/tok_s": tokens / seconds, f"{name}/seconds": seconds}, rnd)
-        return rows
-
+    evaluation.answer()
     references = [s["instruction"] for s in seeds]   # what a new instruction must not repeat
-    tasks = stage("instructions", lambda p: synthesize_instructions(model_for(current), tok, pool, references, p,
-                                                                  acc=acc, args=args, rnd=rnd))
-    pairs = stage("responses", lambda p: synthesize_responses(model_for(current), tok, tasks, p, acc=acc, args=args,
-                                                             rnd=rnd))
-    judge, keys = base_ref if args.judge == "base" else current, score_keys(args.assess)
-
-    def assess(path):
-        if args.threshold < 1 or not pairs:   # C = -1 or 0: the judge is never called
-            return pairs, {}
-        scored = self_assess(model_for(judge), tok, pairs, path, acc=acc, args=args, rnd=rnd, assess=args.assess)
-        return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
-                            scored=sum(all(p[k] is not None for k in keys) for p in scored))
-
-    scored = stage("scored", assess)
-    gen.clear()
-    acc.free_memory()
+    tasks = stage(rdir, "instructions", stats, acc, lambda p: synthesize_instructions(
+        models.get(current), tok, pool, references, p, acc=acc, args=args, place=place, rnd=rnd))
+    pairs = stage(rdir, "responses", stats, acc, lambda p: synthesize_responses(
+        models.get(current), tok, tasks, p, acc=acc, args=args, place=place, rnd=rnd))
+    judge = base_ref if args.judge == "base" else current
+    scored = stage(rdir, "scored", stats, acc, lambda p: assess(
+        models.get(judge), tok, pairs, p, acc=acc, args=args, place=place, rnd=rnd))
+    evaluation.score()
+    models.free()
     passed = filter_by_threshold(scored, args.threshold, args.assess)
-    kept = stage("train", lambda p: ([training_record(r) for r in passed], {}))
+    kept = stage(rdir, "train", stats, acc, lambda p: ([training_record(r) for r in passed], {}))
     stats.update(kept=len(kept), **score_summary(scored))
     if not kept:
-        funnel = ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
-        if stats.get("response_rules", 1) == 0:
-            cause = "every response broke a response rule (try a larger --max-new-tokens)"
-        elif args.threshold >= 1 and stats.get("scored", 0) == 0:
-            cause = "the judge never gave a parseable score (try --judge, or a larger judge model)"
-        else:
-            cause = (f"no pair scored above the threshold {args.threshold} (lower --threshold, or use --assess "
-                     f"quality|adherence)")
-        die(f"round {rnd}: nothing left to train on: {cause}, with a new --out or --overwrite. Funnel: {funnel}. "
-            f"The round's files are in {args.out}/round_{rnd}.")
+        die(f"round {rnd}: nothing left to train on: {why_nothing_left(stats, args.threshold)}, with a new "
+            f"--out or --overwrite. Funnel: {funnel_line(stats)}. The round's files are in {rdir}.")
     data = kept if args.train_data == "latest" else broadcast_from_main(
         acc, lambda: [r for t in range(1, rnd) for r in read_jsonl(out / f"round_{t}" / "train.jsonl")]) + kept
     NOW["where"], t0 = f"round {rnd}, stage sft", time.time()
     train_from = base_ref if args.train_from == "base" else current
     first_step = sum(json.loads((out / f"round_{t}" / "stats.json").read_text())["steps"] for t in range(1, rnd))
-    losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, rnd=rnd, first_step=first_step)
+    losses, skipped = sft(train_from, tok, data, rdir / "model", acc=acc, args=args, place=place, rnd=rnd,
+                          first_step=first_step)
     stats.update(train_examples=len(data) - skipped, too_long_for_sft=skipped, steps=len(losses),
                  first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), time_sft=round(time.time() - t0, 1))
     if acc.is_main_process:
         write_file(stats_path, json.dumps(stats, indent=1))
         write_jsonl(rdir / "losses.jsonl", [dict(step=s, loss=l) for s, l in enumerate(losses)], append=True)
-    return stats
+    return stats, evaluation.result or {}
+
+
+def stage(rdir, name, stats, acc, compute):
+    """A stage's rows: its file's, if a previous run finished it; else compute(raw path) -> (rows,
+    stats), written to rdir/name.jsonl once stats.json holds its stats and time."""
+    path = rdir / f"{name}.jsonl"
+    rows = broadcast_from_main(acc, lambda: read_jsonl(path) if path.exists() else None)
+    if rows is not None:
+        return rows
+    rnd = stats["round"]
+    NOW["where"], t0 = f"round {rnd}, stage {name}", time.time()
+    raw = rdir / f"{name}.raw.jsonl"   # raw generations, kept for inspection
+    before = len(read_jsonl(raw)) if raw.exists() else 0
+    rows, st = compute(raw)
+    seconds = time.time() - t0
+    stats.update(st, **{f"time_{name}": round(seconds, 1)})
+    if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
+        write_file(rdir / "stats.json", json.dumps(stats, indent=1))
+        write_jsonl(path, rows)
+    if made := read_jsonl(raw)[before:] if raw.exists() else []:   # what this process generated
+        tokens = sum(r["tokens"] for r in made)
+        track(acc, f"round {rnd} {name}", {f"{name}/items": len(made), f"{name}/tokens": tokens,
+                                           f"{name}/tok_s": tokens / seconds, f"{name}/seconds": seconds}, rnd)
+    return rows
+
+
+def assess(judge, tok, pairs, path, *, acc, args, place, rnd):
+    """Step 5 as a round runs it: the judge scores, unless C = -1 or 0 (then it is never called)."""
+    if args.threshold < 1 or not pairs:
+        return pairs, {}
+    keys = score_keys(args.assess)
+    scored = self_assess(judge, tok, pairs, path, acc=acc, args=args, place=place, rnd=rnd, assess=args.assess)
+    return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
+                        scored=sum(all(p[k] is not None for k in keys) for p in scored))
+
+
+def funnel_line(stats):
+    return ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
+
+
+def why_nothing_left(stats, threshold):
+    """Which step of the funnel emptied a round, and what to try."""
+    if stats.get("response_rules", 1) == 0:
+        return "every response broke a response rule (try a larger --max-new-tokens)"
+    if threshold >= 1 and stats.get("scored", 0) == 0:
+        return "the judge never gave a parseable score (try --judge, or a larger judge model)"
+    return f"no pair scored above the threshold {threshold:g} (lower --threshold, or use --assess quality|adherence)"
 
 
 @torch.no_grad()
@@ -882,36 +1151,48 @@ def heldout_nll(model, tok, seeds, max_len):
     return total / max(count, 1)
 
 
-def evaluate(rnd, ref, base_ref, tok, heldout, *, acc, args):
-    """Round rnd's model (round 0: the base model) on the held-out seed tasks: its greedy answers, judged by the base
-    model (a fixed judge, so rounds compare), and the NLL of the seeds' reference outputs."""
-    rdir = Path(args.out) / f"round_{rnd}"
-    path = rdir / "eval.json"
-    if (saved := broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)) is not None:
-        return saved
-    if acc.is_main_process:
-        rdir.mkdir(parents=True, exist_ok=True)
-    NOW["where"], t0 = f"round {rnd}, stage eval", time.time()
-    model = load_model(ref, args, acc)
-    answers = generate_stage(rdir / "eval_answers.raw.jsonl", model, tok,
-                             [prompt_ids(tok, s["instruction"], s["input"]) for s in heldout], acc=acc, args=args,
-                             desc=f"round {rnd} eval", max_new_tokens=args.max_new_tokens, temperature=0, top_p=1.0,
-                             seed=(args.seed, rnd, "eval"))
-    nll = heldout_nll(model, tok, heldout, args.max_len)
-    if ref != base_ref:
-        del model
-        acc.free_memory()
-        model = load_model(base_ref, args, acc)
-    pairs = [dict(s, output=a["text"].strip()) for s, a in zip(heldout, answers)]
-    scored = self_assess(model, tok, pairs, rdir / "eval_scores.raw.jsonl", acc=acc, args=args, rnd=rnd,
-                         desc=f"round {rnd} eval judge")
-    result, means = dict(eval_nll=round(nll, 4), time_eval=round(time.time() - t0, 1)), score_summary(scored)
-    for aspect, (_, key) in ASPECTS.items():
-        result[f"eval_{aspect}"] = means.get(f"mean_{key}")
-        result[f"eval_{aspect}_parsed"] = round(sum(p.get(key) is not None for p in scored) / len(scored), 2)
-    if acc.is_main_process:
-        write_file(path, json.dumps(result, indent=1))
-    return result
+class Evaluation:
+    """Round rnd's model (round 0: the base model) on the held-out seed tasks, in two halves that
+    run while their model is loaded anyway: answer() writes its greedy answers and the NLL of the
+    seeds' reference outputs; score() has `judge` (the base model: a fixed judge, so rounds
+    compare) score them. result: what eval.json holds, once both ran or a previous run did."""
+
+    def __init__(self, rnd, ref, judge, heldout, tok, models, *, acc, args, place):
+        self.rnd, self.ref, self.judge, self.heldout, self.tok = rnd, ref, judge, heldout, tok
+        self.models = models
+        self.acc, self.args, self.place = acc, args, place
+        self.rdir = Path(args.out) / f"round_{rnd}"
+        path = self.rdir / "eval.json"
+        self.result = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
+        self.answers = self.nll = None
+
+    def answer(self):
+        if self.result is not None or not self.heldout:
+            return
+        if self.acc.is_main_process:
+            self.rdir.mkdir(parents=True, exist_ok=True)
+        NOW["where"], t0, model = f"round {self.rnd}, stage eval", time.time(), self.models.get(self.ref)
+        prompts = [prompt_ids(self.tok, s["instruction"], s["input"]) for s in self.heldout]
+        self.answers = generate_stage(self.rdir / "eval_answers.raw.jsonl", model, self.tok, prompts, acc=self.acc,
+                                      args=self.args, place=self.place, desc=f"round {self.rnd} eval",
+                                      max_new_tokens=self.args.max_new_tokens, temperature=0, top_p=1.0,
+                                      seed=(self.args.seed, self.rnd, "eval"))
+        self.nll, self.seconds = heldout_nll(model, self.tok, self.heldout, self.args.max_len), time.time() - t0
+
+    def score(self):
+        if self.answers is None:
+            return
+        NOW["where"], t0, judge = f"round {self.rnd}, stage eval", time.time(), self.models.get(self.judge)
+        pairs = [dict(s, output=a["text"].strip()) for s, a in zip(self.heldout, self.answers)]
+        scored = self_assess(judge, self.tok, pairs, self.rdir / "eval_scores.raw.jsonl", acc=self.acc,
+                             args=self.args, place=self.place, rnd=self.rnd, desc=f"round {self.rnd} eval judge")
+        means = score_summary(scored)
+        self.result = dict(eval_nll=round(self.nll, 4), time_eval=round(self.seconds + time.time() - t0, 1))
+        for aspect, (_, key) in ASPECTS.items():
+            self.result[f"eval_{aspect}"] = means.get(f"mean_{key}")
+            self.result[f"eval_{aspect}_parsed"] = round(sum(p.get(key) is not None for p in scored) / len(scored), 2)
+        if self.acc.is_main_process:
+            write_file(self.rdir / "eval.json", json.dumps(self.result, indent=1))
 
 
 def score_summary(scored):
@@ -937,8 +1218,9 @@ def round_scalars(stats):
 # -----------------------------------------------------------------------------
 # main()
 
-# Settings that don't change results; everything else must match to resume a run.
-NOT_IDENTITY = {"out", "overwrite", "no_progress", "dtype", "report_to", "run_name", "run_id", "dist_timeout"}
+# Settings that don't change results (where and how fast it runs); the rest must match to resume.
+NOT_IDENTITY = {"out", "overwrite", "no_progress", "report_to", "run_name", "run_id", "dist_timeout", "plan",
+                "tp", "device_memory", "gen_batch_tokens", "grad_accum", "gradient_checkpointing", "dtype"}
 TRACKERS = ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all"]
 RUN_FILES = ("run.json", "metrics.jsonl", "heldout.jsonl", "tracking")   # and round_*/: what --overwrite deletes
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
@@ -973,7 +1255,9 @@ def parse_args(argv=None):
     g.add_argument("--synth-max-new-tokens", type=int, help="length cap of one task list (default: 2 x max-new-tokens)")
     g.add_argument("--gen-batch-tokens", type=int, help="KV-cache tokens a decode holds (default: 70%% of a GPU's "
                    "memory beside the weights; a quarter of a CPU's RAM)")
-    g.add_argument("--tp", action="store_true", help="tensor-parallel generation (tp_plan='auto'): models beyond a GPU")
+    g.add_argument("--tp", type=int, nargs="?", const=-1, metavar="N",
+                   help="tensor-parallel generation over N GPUs of a node (alone: all of them; 1: a "
+                        "copy per GPU); default: the placement plan's choice")
     g = p.add_argument_group("SFT")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention and MLP linears, merged after "
                                                              "training; 0 = full fine-tuning (paper: LoRA)")
@@ -981,11 +1265,17 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=int, default=2, help="epochs per round (paper: 2)")
     g.add_argument("--batch-size", type=int, default=16, help="examples a step, all processes together (paper: 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="packed rows per process a step: less memory, same result")
+    g.add_argument("--grad-accum", type=int, help="packed rows per process a step: less memory, same "
+                   "result (default: the placement plan's choice, 1 where it fits)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine decay (paper: 20)")
     g.add_argument("--max-len", type=int, default=2048, help="prompt + response tokens at most; longer prompts skipped")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less "
+                   "memory, slower (default: where the placement plan needs it)")
     g = p.add_argument_group("Runtime")
+    g.add_argument("--device-memory", type=float, metavar="GB", help="memory isheep may use on each "
+                   "GPU (default: all of it; on a CPU, a process's share of RAM)")
+    g.add_argument("--plan", type=parse_hardware, metavar="HARDWARE", help="print where each stage's "
+                   "model would go on HARDWARE (8x80GB, 2x8x80GB: two nodes) and exit; reads no weight")
     g.add_argument("--seed", type=int, default=42, help="seed of every random choice; resuming makes the same data")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dist-timeout", type=float, default=120, help="minutes a rank may wait in a collective (for "
@@ -1003,7 +1293,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least {low}")
     for ok, msg in [(-1 <= args.threshold <= 10, "--threshold must be between -1 and 10"),
                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.lr > 0, "--lr must be > 0"),
-                    (args.dist_timeout > 0, "--dist-timeout must be > 0")]:
+                    (args.dist_timeout > 0, "--dist-timeout must be > 0"),
+                    (args.tp in (None, -1) or args.tp >= 1, "--tp must be at least 1"),
+                    (args.device_memory is None or args.device_memory > 0, "--device-memory must be > 0")]:
         if not ok:
             p.error(msg)
     args.max_attempts = args.max_attempts or max(1, math.ceil(args.num_instructions / 2))
@@ -1040,9 +1332,19 @@ def claim_out(args, acc):
             print(f"pid {os.getpid()} on host {os.uname().nodename}", file=held, flush=True)
     if busy := broadcast_from_main(acc, lambda: busy):
         die(busy)
+    # Every rank must see the folder the main process claimed: on several nodes, a shared one.
+    token = broadcast_from_main(acc, lambda: os.urandom(8).hex())
+    if acc.is_main_process:
+        write_file(out / ".claim", token)
+    acc.wait_for_everyone()
+    seen = (out / ".claim").is_file() and (out / ".claim").read_text() == token
+    if blind := [who for ok, who in gather_object([(seen, f"rank {acc.process_index} on {os.uname().nodename}")])
+                 if not ok]:
+        die(f"--out {out} is not the folder the main process wrote on {', '.join(blind)}: on several nodes, "
+            f"--out must be on a filesystem that every node shares (the same path everywhere)")
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k) and k != "run_id")
+        diff = sorted(k for k in set(saved) | set(settings) if k not in NOT_IDENTITY and saved.get(k) != settings.get(k))
         if diff and not args.overwrite:
             die(f"--out {out} holds a run with other settings: "
                 + "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
@@ -1067,7 +1369,8 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop_on_signal)
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        show_plan(args) if args.plan else run(args)
     except KeyboardInterrupt as e:
         print0(f"isheep: interrupted in {NOW['where']}: rerun the same command to resume", file=sys.stderr)
         raise SystemExit(128 + (e.args[0] if e.args else signal.SIGINT))
@@ -1086,6 +1389,67 @@ def keep_freed_memory():
         mallopt(-1, -1)   # M_TRIM_THRESHOLD = -1: the heap never shrinks
 
 
+def place_models(args, base_ref):
+    """Plan where each stage's model goes (printed; one line and exit 1 where nothing fits), then
+    start accelerate as the plan trains: DDP, or FSDP2 through a plugin built here (rank 0 reads
+    the weights, the others start empty; a unit per decoder layer), unless an accelerate config
+    already asked for FSDP. Returns the Accelerator and the Placement."""
+    config, bf16 = model_config(base_ref, args), torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    hw, user_fsdp = this_hardware(args.device_memory), os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    plan = plan_placement(config, hw, args, 2 if bf16 else 4, user_fsdp)
+    name = base_ref[1] or base_ref[0]
+    print0("\n".join(plan_lines(plan, hw, name)))
+    if not plan["fits"]:
+        die(why_it_does_not_fit(plan, hw, config, name, args.lora_rank))
+    fsdp = None
+    if plan["training"]["sharding"] == "fsdp2" and not user_fsdp:
+        fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                              cpu_ram_efficient_loading=True, reshard_after_forward=True)
+    # Rank 0 alone loads a model and writes each round's (145 GB at 72B): any collective may wait that long.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=fsdp, mixed_precision="bf16" if bf16 else "no",
+                      gradient_accumulation_steps=plan["training"]["grad_accum"],
+                      log_with=args.report_to or None, kwargs_handlers=[
+                          InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
+                      project_config=ProjectConfiguration(args.out, logging_dir=Path(args.out) / "tracking"))
+    # generation's tensor-parallel groups: tp consecutive ranks, within a node
+    tp = plan["generation"]["tp"]
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes // tp, tp), mesh_dim_names=("dp", "tp")) \
+        if tp > 1 else None
+    return acc, Placement(dtype=torch.bfloat16 if bf16 else torch.float32, mesh=mesh,
+                          checkpointing=plan["training"]["checkpointing"], memory=hw.memory)
+
+
+def show_plan(args):
+    """--plan HARDWARE: the placement table for hardware one doesn't have, from the config alone."""
+    ref = (args.model, None) if args.model else demo_model_ref()
+    config, name = model_config(ref, args, weights=False), ref[1] or ref[0]
+    plan = plan_placement(config, args.plan, args)
+    print("\n".join(plan_lines(plan, args.plan, name)), flush=True)
+    if not plan["fits"]:
+        die(why_it_does_not_fit(plan, args.plan, config, name, args.lora_rank))
+
+
+def report_round(stats, rounds, heldout, *, acc, args):
+    """A round complete (round 0: the base model's evaluation): metrics.jsonl, the trackers, a line."""
+    rnd, out = stats["round"], Path(args.out)
+    if rnd == 0 and not heldout:
+        return
+    rounds.append(stats)
+    if not acc.is_main_process:
+        return
+    write_jsonl(out / "metrics.jsonl", rounds)
+    if rnd == 0:
+        track(acc, "round 0", round_scalars(stats), 0)
+        return
+    kept = read_jsonl(out / f"round_{rnd}" / "train.jsonl")
+    sample = random.Random(seed_for(args.seed, rnd, "table")).sample(kept, min(50, len(kept)))
+    columns = ["instruction", "input", "output", *score_keys("both")]
+    track(acc, f"round {rnd}", round_scalars(stats), rnd,
+          table=(f"kept_pairs/round_{rnd}", columns, [[r.get(c) for c in columns] for r in sample]))
+    print0(f"round {rnd}: {funnel_line(stats)}, loss {stats.get('first_loss')} -> {stats.get('last_loss')}"
+           + (f", held-out quality {stats['eval_quality']}, NLL {stats['eval_nll']}" if heldout else ""))
+
+
 def run(args):
     """The whole run: set-up, the base model's evaluation, the rounds, the final table."""
     torch.backends.cuda.enable_cudnn_sdp(False)   # it plans anew for every new shape: every step and micro-batch
@@ -1095,18 +1459,10 @@ def run(args):
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
         die("DeepSpeed is not supported: shard training with FSDP2 instead (README, 'Scaling up': "
             "accelerate launch --config_file fsdp2.yaml isheep.py ...)")
-    # Rank 0 alone loads a model and writes each round's (145 GB at 72B): any collective may wait that long.
-    acc = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
-                      mixed_precision="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no",
-                      log_with=args.report_to or None, kwargs_handlers=[
-                          InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
-                      project_config=ProjectConfiguration(args.out, logging_dir=Path(args.out) / "tracking"))
-    args.dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written
-    if args.model:   # not the bundled demo model
-        check_model(args.model, args)
+    acc, place = place_models(args, base_ref)
     out = Path(args.out)
     first_start = args.overwrite or not (out / "run.json").exists()   # the trackers get the config once
     lock = claim_out(args, acc)   # noqa: F841 (held open until the run ends)
@@ -1125,27 +1481,20 @@ def run(args):
            f"{args.num_instructions} instructions, threshold {args.threshold:g} ({args.assess}), judge {args.judge}, "
            f"train {args.train_from} on {args.train_data} data, "
            f"{'LoRA r=' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}, "
-           f"{acc.num_processes} process(es) on {acc.device}{' with --tp' if args.tp else ''}; "
+           f"{acc.num_processes} process(es) on {acc.device}; "
            f"{len(pool)} seeds for few-shot, {len(heldout)} held out; output in {args.out}/")
-    rounds = [dict(round=0, **evaluate(0, base_ref, base_ref, tok, heldout, acc=acc, args=args))] if heldout else []
-    if rounds:
-        track(acc, "round 0", round_scalars(rounds[0]), 0)
+    # Each round's line comes once its model is evaluated: in the next round, or after the last.
+    models, rounds, last = Resident(args, acc, place), [], {"round": 0}
     for rnd in range(1, args.iters + 1):
-        stats = run_iteration(rnd, base_ref, tok, seeds, pool, acc=acc, args=args)
-        if heldout:
-            model_ref = (str(out / f"round_{rnd}" / "model"), None)
-            stats.update(evaluate(rnd, model_ref, base_ref, tok, heldout, acc=acc, args=args))
-        rounds.append(stats)
-        if acc.is_main_process:
-            write_jsonl(out / "metrics.jsonl", rounds)
-            kept = read_jsonl(out / f"round_{rnd}" / "train.jsonl")
-            sample = random.Random(seed_for(args.seed, rnd, "table")).sample(kept, min(50, len(kept)))
-            columns = ["instruction", "input", "output", *score_keys("both")]
-            track(acc, f"round {rnd}", round_scalars(stats), rnd,
-                  table=(f"kept_pairs/round_{rnd}", columns, [[r.get(c) for c in columns] for r in sample]))
-        print0(f"round {rnd}: " + ", ".join(f"{k} {stats[k]}" for k in FUNNEL if k in stats)
-               + f", loss {stats.get('first_loss')} -> {stats.get('last_loss')}"
-               + (f", held-out quality {stats['eval_quality']}, NLL {stats['eval_nll']}" if heldout else ""))
+        stats, evaluation = run_iteration(rnd, base_ref, tok, seeds, pool, heldout, models, acc=acc, args=args,
+                                          place=place)
+        report_round(last | evaluation, rounds, heldout, acc=acc, args=args)
+        last = stats
+    final = Evaluation(args.iters, (str(out / f"round_{args.iters}" / "model"), None), base_ref, heldout, tok,
+                       models, acc=acc, args=args, place=place)
+    final.answer()
+    final.score()
+    report_round(last | (final.result or {}), rounds, heldout, acc=acc, args=args)
     print0()
     cols = [c for c in TABLE if any(c in r for r in rounds)]
     cells = [[str(r["round"])] + [str(r.get(c, "")) for c in cols]
@@ -1172,19 +1521,21 @@ PREFILL_TOKENS = 16384   # prompt tokens (+ padding) prefilled in one forward at
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0, done=None,
-             tp=False, batch_tokens=None, progress=True, desc="generate"):
-    """prompts are token id lists; a unit whose items are all in `done` is skipped (resume). Units are dealt to the
-    ranks (under --tp all run each), which all make the same gather_object calls, so none can hang."""
+def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, stop_strings=(), seed=0,
+             done=None, tp=None, memory=None, batch_tokens=None, progress=True, desc="generate"):
+    """prompts are token id lists; a unit whose items are all in `done` is skipped (resume). Units
+    are dealt to the data-parallel groups (a rank, or a tensor-parallel group `tp` whose ranks all
+    run each unit); every rank makes the same gather_object calls, so none can hang."""
     eos = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    budget = batch_token_budget(model, batch_tokens, tp)
+    shards = torch.distributed.get_world_size(tp) if tp is not None else 1
+    budget = batch_token_budget(model, batch_tokens, shards, memory)
     units = [u for u in generation_units(prompts, max_new_tokens, budget) if any(i not in (done or ()) for i in u)]
-    world, rank = (1, 0) if tp else (acc.num_processes, acc.process_index)
+    world, rank = acc.num_processes // shards, acc.process_index // shards   # TP groups: consecutive ranks
     bar = tqdm(total=sum(map(len, units)), desc=desc, unit="item", disable=not acc.is_main_process or not progress,
                dynamic_ncols=True)
     t0, n_tokens = time.time(), 0
-    for c in range(0, len(units), world):   # one unit per rank between two gathers
+    for c in range(0, len(units), world):   # one unit per group between two gathers
         out, shown = {}, bar.n
         for unit in units[c:c + world][rank:rank + 1]:
             new, finished = decode(model, tok, [prompts[i] for i in unit], [seed_for(seed, i) for i in unit],
@@ -1195,7 +1546,7 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
                 text = tok.decode(row, skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
                 out[i] = dict(text=text[:cut], tokens=len(row), finished=end)
-        if world > 1:
+        if acc.num_processes > 1:   # a group's ranks return the same items: one copy of each is kept
             out = {i: r for part in gather_object([out]) for i, r in part.items()}
         n_tokens += sum(r["tokens"] for r in out.values())
         bar.update(shown + len(out) - bar.n)   # the other ranks' items too
@@ -1204,19 +1555,18 @@ def generate(model, tok, prompts, *, acc, max_new_tokens, temperature, top_p, st
     bar.close()
 
 
-def batch_token_budget(model, batch_tokens=None, tp=False):
-    """Tokens of KV cache a decode may hold (slots x columns): batch_tokens, or what 70% of a GPU's memory beside the
-    weights holds (allocated up front), or a quarter of a CPU's RAM (committed as rows write it)."""
+def batch_token_budget(model, batch_tokens=None, shards=1, memory=None):
+    """Tokens of KV cache a decode may hold (slots x columns): batch_tokens, or what 70% of a GPU's
+    memory (at most `memory` bytes) beside the weights holds, allocated up front; or a quarter of
+    a CPU's RAM (or of `memory`), committed as rows write it."""
     if batch_tokens:
         return batch_tokens
-    c, shards = model.config.get_text_config(), torch.distributed.get_world_size() if tp else 1
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim / shards * model.dtype.itemsize   # bytes
+    per_token = kv_bytes_per_token(model.config, model.dtype.itemsize) / shards
     if model.device.type != "cuda":
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / per_token)
-    weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards   # a DTensor: its whole size
-    return max(2048, int(0.7 * (torch.cuda.get_device_properties(model.device).total_memory - weights) / per_token))
+        return int((memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 4 / per_token)
+    memory = min(memory or math.inf, torch.cuda.get_device_properties(model.device).total_memory)
+    weights = sum(p.numel() for p in model.parameters()) * model.dtype.itemsize / shards   # a DTensor: whole
+    return max(2048, int(0.7 * (memory - weights) / per_token))
 
 
 def generation_units(prompts, max_new_tokens, budget):
@@ -1235,122 +1585,175 @@ def generation_units(prompts, max_new_tokens, budget):
 
 @dataclasses.dataclass
 class Row:
-    """A prompt being decoded: its ids, its own random stream (one draw a token), what it has made so far."""
+    """A prompt being decoded: its ids, its own random stream (one draw a token), what it has made."""
     prompt: list
     draws: random.Random
     limit: int                # max_new_tokens
     new: list = dataclasses.field(default_factory=list)
-    finished: bool = False    # ended by a stop (eos, the end of a turn, a stop string), not by the limit
+    finished: bool = False    # ended by a stop (eos, the end of a turn, a stop string), not the limit
 
     @property
     def ended(self):
         return self.finished or len(self.new) == self.limit
 
+    @property
+    def length(self):
+        return len(self.prompt) + len(self.new)
 
-def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad, stop_strings=(),
-           on_finish=lambda: None, graphs=False, tp=False, gpu=None, trace=None):
-    """(new tokens, finished) per prompt, drawing from random.Random(seeds[i]), admitted shortest first. gpu (on CUDA):
-    SYNC_EVERY steps a window, CUDA graphs if `graphs`; tp: ranks in lockstep; trace gets (steps, rows, lengths)."""
-    device = model.device
-    gpu = device.type == "cuda" if gpu is None else gpu
+
+def decode(model, tok, prompts, seeds, *, budget, max_new_tokens, temperature, top_p, eos, pad,
+           stop_strings=(), on_finish=lambda: None, graphs=False, tp=None, gpu=None, trace=None):
+    """(new tokens, finished) per prompt, drawing from random.Random(seeds[i]), admitted shortest
+    first. gpu (default: on CUDA) steps SYNC_EVERY tokens between two reads; graphs replays captured
+    steps; tp is the tensor-parallel group (True: all ranks), whose ranks keep in lockstep; trace
+    gets (steps, rows, lengths) of every window."""
+    gpu = model.device.type == "cuda" if gpu is None else gpu
     window = SYNC_EVERY if gpu else 1
     columns = max(map(len, prompts)) + max_new_tokens + window
-    for layer in DynamicCache(config=model.config).layers:   # a row attends every column it has
+    check_attention(model, columns)
+    cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, model.device)
+    rows = [Row(p, random.Random(s), max_new_tokens) for p, s in zip(prompts, seeds)]
+    run = Decode(model, tok, cache, sorted(rows, key=lambda r: len(r.prompt)), gpu=gpu, window=window,
+                 temperature=temperature, top_p=top_p, eos=set(eos), stop_strings=stop_strings,
+                 on_finish=on_finish, graphs=graphs, tp=tp, trace=trace)
+    with attending_slots(model, cache):
+        while True:
+            run.evict()
+            if not run.waiting and not run.running:
+                return [row.new for row in rows], [row.finished for row in rows]
+            run.admit(pad)
+            run.step()
+
+
+def check_attention(model, columns):
+    """Refuse a cache layer the engine does not implement: every row attends all its columns."""
+    for layer in DynamicCache(config=model.config).layers:
         reach = getattr(layer, "sliding_window", None)
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or (reach or columns) < columns:
-            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window {reach or '-'}), which "
-                f"isheep's generation does not implement: it attends to all {columns} columns of a row (prompt + "
-                f"--max-new-tokens). Use a full-attention model, or shorter rows")
-    cache = SlotCache(min(len(prompts), max(1, budget // columns), MAX_ROWS), columns, device)
-    rows = [Row(p, random.Random(s), max_new_tokens) for p, s in zip(prompts, seeds)]
-    waiting, running, captured, pool = sorted(rows, key=lambda r: len(r.prompt)), [], {}, []
+            die(f"{type(model).__name__} has {type(layer).__name__} layers (sliding window "
+                f"{reach or '-'}), which isheep's generation does not implement: it attends to all "
+                f"{columns} columns of a row (prompt + --max-new-tokens). Use a full-attention "
+                f"model, or shorter rows")
 
-    def take(row, tokens):   # up to the row's end: a stop token, its limit, or the token completing a stop string
+
+class Decode:
+    """The rows of one decode: waiting, or running in the cache's slots 0..n-1. Three phases:
+    admit prefills waiting rows into free slots, step makes a window of tokens for every running
+    row, evict lets the rows that ended go. Under `graphs` a step replays the CUDA graph captured
+    for its row count."""
+
+    def __init__(self, model, tok, cache, waiting, *, gpu, window, temperature, top_p, eos,
+                 stop_strings, on_finish, graphs, tp, trace):
+        self.model, self.tok, self.cache, self.waiting, self.running = model, tok, cache, waiting, []
+        self.gpu, self.window, self.temperature, self.top_p = gpu, window, temperature, top_p
+        self.eos, self.stop_strings, self.on_finish = eos, stop_strings, on_finish
+        self.graphs = {} if graphs else None   # row count -> (graph, its output); None: eager
+        self.tp, self.trace, self.pool = tp, trace, None
+
+    def take(self, row, tokens):
+        """Append tokens up to the row's end: a stop token, its limit, or a completed stop string."""
         for t in tokens:
-            if row.ended:   # also a row that ended at its first token, in admit: a window's tokens are not its own
+            if row.ended:   # a window's tokens past the end, or after a first token that ended it
                 return
             row.new.append(t)
-            row.finished = t in eos or any(s in tok.decode(row.new[-9:]) for s in stop_strings)
+            row.finished = t in self.eos or any(s in self.tok.decode(row.new[-9:])
+                                                for s in self.stop_strings)
             if row.ended:
-                on_finish()
+                self.on_finish()
 
-    def evict():   # rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full
+    def evict(self):
+        """Rows that ended leave; the last rows move into their slots, so slots 0..n-1 stay full."""
+        running = self.running
         kept = [r for r, row in enumerate(running) if not row.ended]
-        holes, movers = [r for r in range(len(kept)) if running[r].ended], [r for r in kept if r >= len(kept)]
+        holes = [r for r in range(len(kept)) if running[r].ended]
+        movers = [r for r in kept if r >= len(kept)]
         if movers:
-            cache.move(movers, holes, max(len(running[r].prompt) + len(running[r].new) for r in movers))
+            self.cache.move(movers, holes, max(running[r].length for r in movers))
         for h, m in zip(holes, movers):
             running[h] = running[m]
         del running[len(kept):]
 
-    def admit():   # prefilled in groups that pad no prompt past 1.25x its length (+8)
-        fit = min(len(waiting), cache.slots - len(running))
-        if not fit or (fit < len(waiting) and fit < len(running) // 4):   # a prefill is worth a quarter of the batch
+    def admit(self, pad):
+        """Prefill waiting rows into the free slots, in groups that pad no prompt past 1.25x its
+        length (+8). A prefill waits until it fills a quarter of the batch or takes every row."""
+        fit = min(len(self.waiting), self.cache.slots - len(self.running))
+        if not fit or (fit < len(self.waiting) and fit < len(self.running) // 4):
             return
         groups = []
-        for row in waiting[:fit]:
+        for row in self.waiting[:fit]:
             n = len(row.prompt)
-            if not groups or n > 1.25 * len(groups[-1][0].prompt) + 8 or (len(groups[-1]) + 1) * n > PREFILL_TOKENS:
+            if (not groups or n > 1.25 * len(groups[-1][0].prompt) + 8
+                    or (len(groups[-1]) + 1) * n > PREFILL_TOKENS):
                 groups.append([])
             groups[-1].append(row)
+        del self.waiting[:fit]
         for group in groups:
-            first = len(running)
-            logits = cache.prefill(model, [row.prompt for row in group], first, pad)
+            first, device = len(self.running), self.cache.pos.device
+            logits = self.cache.prefill(self.model, [row.prompt for row in group], first, pad)
             draws = torch.tensor([row.draws.random() for row in group], device=device)
-            cache.token[first:first + len(group)] = sample(logits, temperature, top_p, draws, cascade=not gpu)
-            for row, t in zip(group, cache.token[first:first + len(group)].tolist()):
-                take(row, [t])
-            running.extend(group)
-        del waiting[:fit]
+            tokens = sample(logits, self.temperature, self.top_p, draws, cascade=not self.gpu)
+            self.cache.token[first:first + len(group)] = tokens
+            for row, t in zip(group, tokens.tolist()):
+                self.take(row, [t])
+            self.running.extend(group)
 
-    def step():
-        steps = min(window, max(row.limit - len(row.new) for row in running if not row.ended))   # judge: prefill, 8, 1
-        n = len(running)
-        cache.batch = graph_rows(n, cache.slots) if gpu else n
-        cache.pos[n:cache.batch] = 0   # a graph's spare rows write and read one column of a free slot
-        if trace is not None:
-            trace.append((steps, cache.batch, [len(row.prompt) + len(row.new) for row in running]))
-        draws = [[row.draws.random() for row in running] + [0.5] * (cache.batch - n) for _ in range(steps)]
+    def step(self):
+        """Up to `window` tokens for every running row, read back once at the end: a CPU-GPU sync.
+        A GPU steps a power-of-2-ish row count (graph_rows), its spare rows in free slots."""
+        if all(row.ended for row in self.running):
+            return
+        cache, n = self.cache, len(self.running)
+        steps = min(self.window, max(row.limit - len(row.new) for row in self.running if not row.ended))
+        cache.batch = graph_rows(n, cache.slots) if self.gpu else n
+        cache.pos[n:cache.batch] = 0   # a spare row writes and reads one column of a free slot
+        if self.trace is not None:
+            self.trace.append((steps, cache.batch, [row.length for row in self.running]))
+        draws = [[row.draws.random() for row in self.running] + [0.5] * (cache.batch - n)
+                 for _ in range(steps)]
         made = []
-        for uniforms in torch.tensor(draws, device=device):
+        for uniforms in torch.tensor(draws, device=cache.pos.device):
             cache.uniform[:cache.batch] = uniforms
-            if graphs and cache.batch not in captured:
-                try_capture()
-            if graphs:
-                captured[cache.batch][0].replay()
-                made.append(captured[cache.batch][1].clone())
+            graph = self.graph(cache.batch) if self.graphs is not None else None
+            if graph is None:
+                made.append(decode_step(self.model, cache, self.temperature, self.top_p,
+                                        cascade=not self.gpu))
             else:
-                made.append(decode_step(model, cache, temperature, top_p, cascade=not gpu))
-        if graphs and tp:   # a watched collective: a replay that hangs on any rank ends at the group's timeout
-            torch.distributed.all_reduce(torch.ones(1, device=device))
-        for row, tokens in zip(running, torch.stack(made).T.tolist()):   # a CPU-GPU sync, once a window
-            take(row, tokens)
+                graph[0].replay()
+                made.append(graph[1].clone())
+        if self.graphs is not None and self.tp:   # watched: a replay that hangs on a rank times out
+            torch.distributed.all_reduce(torch.ones(1, device=cache.pos.device), group=self.group)
+        for row, tokens in zip(self.running, torch.stack(made).T.tolist()):
+            self.take(row, tokens)
 
-    def try_capture():   # this row count's step (a prefill has set NCCL up); under --tp all ranks keep graphs or none
-        nonlocal graphs
-        error = "a capture failed on another rank"
-        try:
-            pool[:] = pool or [torch.cuda.graph_pool_handle()]   # one pool: the graphs never run at once
-            captured[cache.batch] = capture(lambda: decode_step(model, cache, temperature, top_p, cascade=False),
-                                            [cache.pos, cache.token], pool[0])
-        except Exception as e:   # a model or attention a graph can't hold: the same steps, eagerly
-            error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0][:200]}"
-        ok = torch.tensor([cache.batch in captured], device=device)
-        if tp:
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        if not ok.item():
-            print0(f"note: decoding without CUDA graphs ({error})")
-            graphs = False
-            captured.clear()
+    def graph(self, batch):
+        """The step of `batch` rows as a CUDA graph, captured on its first use. Every rank of the
+        group captures, then they vote: if any failed, all of them step eagerly from then on."""
+        if batch not in self.graphs:
+            error = "a capture failed on another rank"
+            try:   # one pool for all: the graphs never run at once
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                step = functools.partial(decode_step, self.model, self.cache, self.temperature,
+                                         self.top_p, cascade=False)
+                self.graphs[batch] = capture(step, [self.cache.pos, self.cache.token], self.pool,
+                                             agree=self.agree)
+            except Exception as e:   # a model or attention a graph can't hold: the same, eagerly
+                error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0][:200]}"
+            if not self.agree(batch in self.graphs):
+                print0(f"note: decoding without CUDA graphs ({error})")
+                self.graphs = None
+                return None
+        return self.graphs[batch]
 
-    with slot_attention(model, cache):
-        while True:
-            evict()
-            if not waiting and not running:
-                return [row.new for row in rows], [row.finished for row in rows]
-            admit()
-            if any(not row.ended for row in running):
-                step()
+    @property
+    def group(self):   # the tensor-parallel process group; None: torch's default, every rank
+        return None if self.tp is True else self.tp
+
+    def agree(self, ok):
+        """Whether every rank of the tensor-parallel group says ok (without TP: this one)."""
+        flag = torch.tensor([int(ok)], device=self.cache.pos.device)
+        if self.tp:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
 
 class SlotCache:
@@ -1419,21 +1822,24 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: 
 
 
 @contextlib.contextmanager
-def slot_attention(model, cache):
-    """For one decode the model attends with "isheep_slots": a prefill (masked) by SDPA, a step by attend()."""
+def attending_slots(model, cache):
+    """For one decode the model attends with "isheep_slots": a prefill (masked) by SDPA, a step by
+    attend() on each row's own columns. Transformers' registry holds the cache for the decode
+    alone: at its end the name is registered again, to a function that holds nothing."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if attention_mask is not None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return attend(query[:, :, 0], key, value, cache.pos[:len(query)] + 1, scaling)[:, None], None
 
-    AttentionInterface.register("isheep_slots", attention)   # no mask function: transformers makes no mask for a step
+    AttentionInterface.register("isheep_slots", attention)   # no mask function: a step gets no mask
     own = model.config._attn_implementation
     model.set_attn_implementation("isheep_slots")
     try:
         yield
     finally:
         model.set_attn_implementation(own)
+        AttentionInterface.register("isheep_slots", sdpa_attention_forward)
 
 
 def decode_step(model, cache, temperature, top_p, cascade=True):
@@ -1480,24 +1886,32 @@ def graph_rows(rows, slots):
 
 
 @functools.cache
-def side_stream(device):   # every capture warms up and records on it: its lazy state (cuBLAS's workspace) is made once
+def side_stream(device):   # every capture warms up and records on it: lazy state is made once
     return torch.cuda.Stream(device)
 
 
-def capture(fn, state, pool):
-    """fn() as a CUDA graph, in `pool` (graphs that never run at once share one). An eager warm-up first makes what
-    is made lazily and refuses host syncs (a capture can do neither), then puts `state` back. A failure is undone."""
-    saved, stream, mode = [t.clone() for t in state], side_stream(state[0].device), torch.cuda.get_sync_debug_mode()
+def capture(fn, state, pool, agree=bool):
+    """fn() as a CUDA graph, in `pool` (graphs that never run at once share one). A warm-up runs
+    fn() once eagerly, whole, to make what is made lazily; `state` is then put back. If it asked
+    the host for a value (a sync, which a capture refuses) on this rank or, by agree(ok), on any
+    rank of the group, none records: the ranks' collectives stay paired. The recording runs none."""
+    saved, stream = [t.clone() for t in state], side_stream(state[0].device)
+    mode = torch.cuda.get_sync_debug_mode()
     stream.wait_stream(torch.cuda.current_stream())
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("warn")   # "error" would stop the warm-up halfway
     try:
-        with torch.cuda.stream(stream):
+        with warnings.catch_warnings(record=True) as seen, torch.cuda.stream(stream):
+            warnings.simplefilter("always")
             fn()
     finally:
         torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(stream)
         for t, s in zip(state, saved):
             t.copy_(s)
+    syncs = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
+    if not agree(not syncs):
+        where = syncs[0] if syncs else "on another rank"
+        raise RuntimeError(f"the step waits on the host ({where})")
     torch.cuda.empty_cache()   # what the warm-up cached is kept for its stream alone: give it back
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):   # current again however the capture ends
@@ -1507,8 +1921,10 @@ def capture(fn, state, pool):
         finally:
             try:
                 graph.capture_end()
-            except Exception:   # a broken capture leaves its pool open, and the next empty_cache() would assert
-                for undo in ("_cuda_endAllocateToPool", "_cuda_releasePool"):   # as torch.cuda.use_mem_pool ends
+            except Exception:
+                # A broken capture leaves its pool open, and the next empty_cache() would
+                # assert: close it as torch.cuda.use_mem_pool does when it ends.
+                for undo in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
                     with contextlib.suppress(Exception):
                         getattr(torch._C, undo)(stream.device_index, pool)
                 raise

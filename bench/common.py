@@ -85,7 +85,9 @@ def load_bench_model(args, margs, training=False):
         isheep.load_tokenizer(isheep.demo_model_ref(), margs)
     if not args.shape:
         from accelerate import Accelerator
-        model = isheep.load_model(isheep.demo_model_ref(), margs, Accelerator(cpu=args.device == "cpu"), training=training)
+        place = [isheep.Placement(margs.dtype)] if hasattr(isheep, "Placement") else []   # an older isheep: none
+        model = isheep.load_model(isheep.demo_model_ref(), margs, Accelerator(cpu=args.device == "cpu"), *place,
+                                  training=training)
         return tok, model.to(args.device)
     torch.manual_seed(0)
     dtype = torch.float32 if training and not margs.lora_rank else margs.dtype   # as isheep.load_model: fp32 master weights

@@ -191,7 +191,7 @@ def profile_step(model, prompts, budget):
     profiler's CUDA kernels: what a step's GPU time goes to."""
     rows = prompts[:min(len(prompts), isheep.MAX_ROWS)]
     cache = isheep.SlotCache(len(rows), max(map(len, rows)) + 4, model.device)
-    with isheep.slot_attention(model, cache):
+    with isheep.attending_slots(model, cache):
         for s in range(0, len(rows), 16):
             cache.prefill(model, rows[s:s + 16], s, pad=0)
         cache.batch = len(rows)

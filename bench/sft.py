@@ -157,8 +157,6 @@ def main():
     pairs = [dict(p, input=p.get("input") or "") for p in random.Random(args.seed).sample(pairs, min(args.n, len(pairs)))]
     tok, model = load_bench_model(args, SimpleNamespace(trust_remote_code=False, tp=False, lora_rank=args.lora_rank),
                                   training=True)
-    from transformers import AttentionInterface
-    AttentionInterface.register(isheep.PACKED, isheep.packed_attention)
     kept = [(p, e) for p, e in ((p, isheep.tokenize_pair(tok, p, args.max_len)) for p in pairs) if e is not None]
     pairs, examples = [p for p, _ in kept], [e for _, e in kept]
 

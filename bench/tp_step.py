@@ -157,7 +157,7 @@ def main():
     cache = isheep.SlotCache(slots, columns, args.device)
     cache.batch = isheep.graph_rows(args.rows, slots) if gpu else args.rows
     step = lambda: isheep.decode_step(model, cache, 1.0, 0.95, cascade=not gpu)
-    with isheep.slot_attention(model, cache):
+    with isheep.attending_slots(model, cache):
         step()   # makes the cache's keys and values, then they are filled and the rows placed
         for k, v in cache.kv.values():   # the rows' slots only: a CPU commits no page of the others
             k[:cache.batch].normal_(), v[:cache.batch].normal_()
