@@ -82,6 +82,7 @@ List of tasks:
 SYNTH_TASK = "Task {n}\nInstruction: {instruction}\nInput: {input}\n\n"
 FEW_SHOT = 5        # seed tasks shown per prompt (paper: 5)
 STOP_AT_TASK = 17   # stop once the model starts task 17, as the authors do: ~11 new tasks a prompt
+FIRST_YIELD = 4     # kept instructions a prompt is assumed to give before any is seen: cautious
 
 # Step 5. Two aspects, a prompt each; the judge writes "<score>||<explanation>", so the score comes first.
 JUDGED_PAIR = """
@@ -398,14 +399,27 @@ def parse_tasks(completion, first_number, cut_off):
             for m in found if m and m[1]]
 
 
+def wave_size(target, kept, tried, cap):
+    """Prompts in the next wave of instruction synthesis: the first sized from a cautious yield of
+    FIRST_YIELD kept instructions a prompt, each later one from the yield so far with a 1.5x margin,
+    and at least a quarter of the first, so that a stage ends in about two full waves rather than
+    a tail of nearly empty batches."""
+    first = math.ceil(target / FIRST_YIELD)
+    if not tried:
+        return min(cap, first)
+    per_prompt = max(kept / tried, 0.1)
+    wave = math.ceil(1.5 * (target - kept) / per_prompt)
+    return min(cap - tried, max(math.ceil(first / 4), wave))
+
+
 def synthesize_instructions(model, tok, pool, references, path, *, acc, args, place, rnd):
     """Prompts of FEW_SHOT random seeds, in waves, until args.num_instructions instructions pass the rules and dedup or
     args.max_attempts prompts are tried. Prompt k depends on (seed, round, k) alone: a resumed run makes it again."""
     target, cap, prompts, kept = args.num_instructions, args.max_attempts, [], []
-    stats = dict(parsed=0, rules=0)
+    stats = dict(parsed=0, rules=0, waves=0)
     while len(kept) < target and len(prompts) < cap:
-        per_prompt = max(len(kept) / len(prompts), 1.0) if prompts else 8.0
-        wave = min(cap - len(prompts), max(1, math.ceil(1.2 * (target - len(kept)) / per_prompt)))
+        wave = wave_size(target, len(kept), len(prompts), cap)
+        stats["waves"] += 1
         start = len(prompts)
         for k in range(start, start + wave):
             rng = random.Random(seed_for(args.seed, rnd, "few-shot", k))
@@ -561,7 +575,7 @@ class LoRALinear(nn.Module):
 
 
 def lora_targets(model):
-    """(parent, name, linear) of every linear layer inside the transformer blocks (attention, MLP)."""
+    """(parent, name, linear) of every linear layer inside the decoder layers (attention, MLP)."""
     return [(parent, name, child) for parent in model.get_decoder().layers.modules()
             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
 
@@ -759,8 +773,9 @@ def model_config(ref, args, weights=True):
         die(f"--model {path} is a {config.model_type!r} model, not a causal language model "
             f"(AutoModelForCausalLM cannot load it); I-SHEEP needs a base LM such as Qwen/Qwen1.5-7B")
     if config.model_type not in SERVED:
-        die(f"--model {path} is a {config.model_type!r} model, whose attention or cache isheep's generation "
-            f"does not implement (README, 'Models': the families it serves, and why others are refused)")
+        die(f"--model {path} is a {config.model_type!r} model, whose attention or cache isheep's "
+            f"generation does not implement (README, 'Models': the families it serves, and why "
+            f"others are refused)")
     return config
 
 
@@ -902,7 +917,8 @@ def model_sizes(config, lora_rank, trust_remote_code=False):
     mlp = (getattr(c, "moe_intermediate_size", None) or getattr(c, "intermediate_size", None)
            or 4 * c.hidden_size) * (getattr(c, "num_experts_per_tok", None) or 1)
     return dict(params=sum(p.numel() for p in model.parameters()), layers=len(layers),
-                lora=sum(lora_rank * (m.in_features + m.out_features) for *_, m in lora_targets(model)),
+                lora=sum(lora_rank * (m.in_features + m.out_features)
+                         for *_, m in lora_targets(model)),
                 layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
                 activations=8 * c.hidden_size + 4 * mlp)
 
@@ -928,7 +944,8 @@ def plan_placement(config, hw, args, itemsize=2, user_fsdp=False):
             die(f"--tp {t}: tensor parallelism needs a number of GPUs that divides the node's {hw.gpus} "
                 f"and the model's {heads[0]} attention and {heads[1]} key/value heads: one of {tps}")
         tps = [t]
-    gens = [dict(tp=t, weights=n["params"] * itemsize / t, memory=kv / t, activations=0) for t in tps]
+    gens = [dict(tp=t, weights=n["params"] * itemsize / t, memory=kv / t, activations=0)
+            for t in tps]
     # 2) training: frozen weights in the dtype and LoRA's fp32 weights, gradients and AdamW
     # moments (16 bytes a parameter), or all of those for every parameter (full fine-tuning)
     weights, optimizer = ((n["params"] * itemsize + n["lora"] * 4, n["lora"] * 12) if args.lora_rank
@@ -1055,7 +1072,8 @@ def run_iteration(rnd, base_ref, tok, seeds, pool, heldout, models, *, acc, args
     stats = broadcast_from_main(acc, lambda: json.loads(stats_path.read_text()) if stats_path.exists() else
                                 {"round": rnd})
     current = base_ref if rnd == 1 else (str(out / f"round_{rnd - 1}" / "model"), None)
-    evaluation = Evaluation(rnd - 1, current, base_ref, heldout, tok, models, acc=acc, args=args, place=place)
+    evaluation = Evaluation(rnd - 1, current, base_ref, heldout, tok, models, acc=acc, args=args,
+                            place=place)
     if (rdir / "model").exists():
         return stats, evaluation.result or {}
     if acc.is_main_process:
@@ -1105,12 +1123,13 @@ def stage(rdir, name, stats, acc, compute):
     before = len(read_jsonl(raw)) if raw.exists() else 0
     rows, st = compute(raw)
     seconds = time.time() - t0
-    stats.update(st, **{f"time_{name}": round(seconds, 1)})
+    made = read_jsonl(raw)[before:] if raw.exists() else []   # what this process generated
+    tokens = sum(r["tokens"] for r in made)
+    stats.update(st, **{f"time_{name}": round(seconds, 1)}, **{f"tok_s_{name}": round(tokens / seconds, 1)} if made else {})
     if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
         write_file(rdir / "stats.json", json.dumps(stats, indent=1))
         write_jsonl(path, rows)
-    if made := read_jsonl(raw)[before:] if raw.exists() else []:   # what this process generated
-        tokens = sum(r["tokens"] for r in made)
+    if made:
         track(acc, f"round {rnd} {name}", {f"{name}/items": len(made), f"{name}/tokens": tokens,
                                            f"{name}/tok_s": tokens / seconds, f"{name}/seconds": seconds}, rnd)
     return rows
@@ -1136,7 +1155,8 @@ def why_nothing_left(stats, threshold):
         return "every response broke a response rule (try a larger --max-new-tokens)"
     if threshold >= 1 and stats.get("scored", 0) == 0:
         return "the judge never gave a parseable score (try --judge, or a larger judge model)"
-    return f"no pair scored above the threshold {threshold:g} (lower --threshold, or use --assess quality|adherence)"
+    return (f"no pair scored above the threshold {threshold:g} (lower --threshold, or use --assess "
+            f"quality|adherence)")
 
 
 @torch.no_grad()
@@ -1162,7 +1182,8 @@ class Evaluation:
         self.acc, self.args, self.place = acc, args, place
         self.rdir = Path(args.out) / f"round_{rnd}"
         path = self.rdir / "eval.json"
-        self.result = broadcast_from_main(acc, lambda: json.loads(path.read_text()) if path.exists() else None)
+        self.result = broadcast_from_main(
+            acc, lambda: json.loads(path.read_text()) if path.exists() else None)
         self.answers = self.nll = None
 
     def answer(self):
@@ -1170,26 +1191,31 @@ class Evaluation:
             return
         if self.acc.is_main_process:
             self.rdir.mkdir(parents=True, exist_ok=True)
-        NOW["where"], t0, model = f"round {self.rnd}, stage eval", time.time(), self.models.get(self.ref)
+        NOW["where"], t0 = f"round {self.rnd}, stage eval", time.time()
+        model = self.models.get(self.ref)
         prompts = [prompt_ids(self.tok, s["instruction"], s["input"]) for s in self.heldout]
-        self.answers = generate_stage(self.rdir / "eval_answers.raw.jsonl", model, self.tok, prompts, acc=self.acc,
-                                      args=self.args, place=self.place, desc=f"round {self.rnd} eval",
-                                      max_new_tokens=self.args.max_new_tokens, temperature=0, top_p=1.0,
-                                      seed=(self.args.seed, self.rnd, "eval"))
-        self.nll, self.seconds = heldout_nll(model, self.tok, self.heldout, self.args.max_len), time.time() - t0
+        self.answers = generate_stage(
+            self.rdir / "eval_answers.raw.jsonl", model, self.tok, prompts, acc=self.acc,
+            args=self.args, place=self.place, desc=f"round {self.rnd} eval", temperature=0,
+            top_p=1.0, max_new_tokens=self.args.max_new_tokens, seed=(self.args.seed, self.rnd, "eval"))
+        self.nll = heldout_nll(model, self.tok, self.heldout, self.args.max_len)
+        self.seconds = time.time() - t0
 
     def score(self):
         if self.answers is None:
             return
-        NOW["where"], t0, judge = f"round {self.rnd}, stage eval", time.time(), self.models.get(self.judge)
+        NOW["where"], t0 = f"round {self.rnd}, stage eval", time.time()
+        judge = self.models.get(self.judge)
         pairs = [dict(s, output=a["text"].strip()) for s, a in zip(self.heldout, self.answers)]
-        scored = self_assess(judge, self.tok, pairs, self.rdir / "eval_scores.raw.jsonl", acc=self.acc,
-                             args=self.args, place=self.place, rnd=self.rnd, desc=f"round {self.rnd} eval judge")
-        means = score_summary(scored)
-        self.result = dict(eval_nll=round(self.nll, 4), time_eval=round(self.seconds + time.time() - t0, 1))
+        scored = self_assess(judge, self.tok, pairs, self.rdir / "eval_scores.raw.jsonl",
+                             acc=self.acc, args=self.args, place=self.place, rnd=self.rnd,
+                             desc=f"round {self.rnd} eval judge")
+        means, seconds = score_summary(scored), self.seconds + time.time() - t0
+        self.result = dict(eval_nll=round(self.nll, 4), time_eval=round(seconds, 1))
         for aspect, (_, key) in ASPECTS.items():
+            parsed = sum(p.get(key) is not None for p in scored)
             self.result[f"eval_{aspect}"] = means.get(f"mean_{key}")
-            self.result[f"eval_{aspect}_parsed"] = round(sum(p.get(key) is not None for p in scored) / len(scored), 2)
+            self.result[f"eval_{aspect}_parsed"] = round(parsed / len(scored), 2)
         if self.acc.is_main_process:
             write_file(self.rdir / "eval.json", json.dumps(self.result, indent=1))
 

@@ -246,6 +246,36 @@ def test_synthesis_prompt_is_raw_text_with_five_examples_and_next_number():
     assert all(s["instruction"] in prompt for s in seeds) and "<|im_start|>" not in prompt
 
 
+
+@pytest.mark.parametrize("per_prompt", [0.5, 1.5, 4, 9])   # the demo's 135M model keeps ~0.5; a 72B ~3-4 of ~11
+@pytest.mark.parametrize("target", [24, 10000])
+def test_instruction_synthesis_reaches_its_target_in_about_two_full_waves(per_prompt, target):
+    """Waves sized from the yield so far end the stage in at most 3 waves, none a nearly empty tail."""
+    cap, tried, kept, waves = max(64, target // 2), 0, 0, []
+    while kept < target and tried < cap:
+        waves.append(isheep.wave_size(target, kept, tried, cap))
+        tried += waves[-1]
+        kept = int(per_prompt * tried)
+    assert len(waves) <= 3 and (kept >= target or tried == cap)
+    assert all(w >= min(waves[0] / 4, cap - sum(waves[:k])) for k, w in enumerate(waves))
+
+
+def test_instructions_are_kept_in_prompt_order_and_the_surplus_is_cut(tmp_path, monkeypatch):
+    """A model whose every other prompt gives one new task: 2 waves, the first 24 by prompt index."""
+    from types import SimpleNamespace
+    args = isheep.parse_args(["--num-instructions", "24", "--max-attempts", "64", "--out", str(tmp_path)])
+
+    def one_in_two(path, model, tok, prompts, first=0, **kw):
+        return [dict(text=f" Write about w{k}x0 w{k}x1 w{k}x2 w{k}x3 now.\nInput: <noinput>\n\nTask 7\nInstruction:"
+                     if k % 2 == 0 else " ", finished=True) for k in range(first, first + len(prompts))]
+    monkeypatch.setattr(isheep, "generate_stage", one_in_two)
+    monkeypatch.setattr(isheep, "encode_prompt", lambda tok, text, raw=False: text)
+    pool = isheep.load_seeds(SEEDS)
+    kept, stats = isheep.synthesize_instructions(None, None, pool, [], tmp_path / "x", acc=SimpleNamespace(),
+                                                 args=args, place=None, rnd=1)
+    assert [t["instruction"] for t in kept] == [f"Write about w{k}x0 w{k}x1 w{k}x2 w{k}x3 now." for k in range(0, 48, 2)]
+    assert stats["waves"] == 2 and stats["prompts"] <= 64 and stats["dedup"] >= 24
+
 # -----------------------------------------------------------------------------
 # Step 2: instruction rules, each with a kept and a dropped case
 
@@ -1377,7 +1407,7 @@ def recorded(cls, *a, **kw):
     devices = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
     with open(os.environ["LOADS"] + os.environ.get("RANK", "0"), "a") as f:
         print(json.dumps(dict(fsdp=is_fsdp_enabled(), training=kw.get("attn_implementation") == "isheep_packed",
-                              devices=devices)), file=f)
+                              devices=devices, path=str(a[0]).rstrip("/"))), file=f)
     return model
 AutoModelForCausalLM.from_pretrained = classmethod(recorded)
 """
@@ -1406,6 +1436,20 @@ def test_the_command_as_typed_places_models_itself_on_two_processes(tiny, tmp_pa
         assert generation and not any(x["fsdp"] for x in generation)   # FSDP's environment was set: see below
         assert all(x["devices"] == ["cpu"] for x in generation)
     assert [x["fsdp"] for x in isheep.read_jsonl(tmp_path / "loads0") if x["training"]] == [True]
+
+
+def test_a_model_used_by_consecutive_stages_is_loaded_once(tiny, tmp_path):
+    """Two rounds with the held-out evaluation: round 1 loads the base model once (the evaluation of M_0, the
+    generation, the judge, the evaluation's judge) and trains; round 2 loads M_1 (its evaluation and the round's
+    generation), the base model (both judges) and trains; then M_2's evaluation loads it and the base model."""
+    (tmp_path / "shim.py").write_text(RECORD_LOADS + "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    r = subprocess.run([sys.executable, str(tmp_path / "shim.py"), str(HERE / "isheep.py"), "--out", str(tmp_path / "run"),
+                        "--no-progress", "--model", str(tiny), *TINY_ROUND, "--iters", "2", "--eval-size", "8",
+                        "--threshold", "8"], capture_output=True, text=True, cwd=HERE, timeout=900,
+                       env=dict(ENV, LOADS=str(tmp_path / "loads")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    loads = [("train" if x["training"] else x["path"].split("/")[-1]) for x in isheep.read_jsonl(tmp_path / "loads0")]
+    assert loads == [tiny.name, "train", "model", tiny.name, "train", "model", tiny.name]
 
 
 def test_every_rank_must_see_the_out_folder(tiny, tmp_path):
