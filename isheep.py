@@ -109,15 +109,20 @@ DEMO = dict(iters=2, num_instructions=24, max_attempts=64, max_new_tokens=192, s
             max_len=1024, lr=3e-4, warmup_steps=2, batch_size=8)
 
 
+def main_process():   # before accelerate starts the process group, the launcher's RANK says it
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def print0(*args, **kwargs):
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if main_process():
         print(*args, **kwargs, flush=True)
 
 
 def die(msg):
     """A failure the user can fix: a clear message (from the main process), exit code 1, no traceback."""
-    main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    raise SystemExit(f"isheep: error: {msg}" if main_process else 1)
+    raise SystemExit(f"isheep: error: {msg}" if main_process() else 1)
 
 
 def seed_for(*parts):
