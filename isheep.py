@@ -955,6 +955,12 @@ def plan_placement(config, hw, args, itemsize=2, user_fsdp=False):
     # moments (16 bytes a parameter), or all of those for every parameter (full fine-tuning)
     weights, optimizer = ((n["params"] * itemsize + n["lora"] * 4, n["lora"] * 12) if args.lora_rank
                           else (n["params"] * 4, n["params"] * 12))
+    # a token's activations: with checkpointing a layer keeps its input alone, and one layer is
+    # recomputed; logits at the supervised tokens (a response: at most --max-new-tokens), in the
+    # dtype, an fp32 copy for the loss, and its gradient
+    kept = {False: n["activations"] * n["layers"],
+            True: c.hidden_size * n["layers"] + n["activations"]}
+    logits = min(args.max_len, args.max_new_tokens) * c.vocab_size * (itemsize + 8)
     per_rank, trains = math.ceil(args.batch_size / world), []
     for sharding in ["fsdp2"] if user_fsdp else ["ddp", "fsdp2"] if world > 1 else ["ddp"]:
         shards = world if sharding == "fsdp2" else 1
@@ -962,20 +968,14 @@ def plan_placement(config, hw, args, itemsize=2, user_fsdp=False):
         for ckpt in [True] if args.gradient_checkpointing else [False, True]:
             for accum in [args.grad_accum] if args.grad_accum else [1, 2, 4, 8, 16, 32, 64, 128]:
                 rows = math.ceil(per_rank / accum)
-                # with checkpointing a layer keeps its input alone, and one layer is recomputed
-                kept = (c.hidden_size * n["layers"] + n["activations"] if ckpt
-                        else n["activations"] * n["layers"])
-                # logits at the supervised tokens (a response: at most --max-new-tokens), in the
-                # dtype, an fp32 copy for the loss, and its gradient
-                logits = min(args.max_len, args.max_new_tokens) * c.vocab_size * (itemsize + 8)
                 trains.append(dict(sharding=sharding, checkpointing=ckpt, grad_accum=accum,
                                    weights=weights / shards + gathered, memory=optimizer / shards,
-                                   activations=rows * (args.max_len * kept * itemsize + logits)))
+                                   activations=rows * (args.max_len * kept[ckpt] * itemsize + logits)))
                 if rows == 1:
                     break
     generation = next((g for g in gens if total(g) <= usable), gens[-1])
     training = next((t for t in trains if total(t) <= usable), min(trains, key=total))
-    return dict(generation=generation, training=training, usable=usable, world=world,
+    return dict(generation=generation, training=training, usable=usable, world=world, heads=heads,
                 fits=total(generation) <= usable and total(training) <= usable)
 
 
@@ -999,13 +999,12 @@ def plan_lines(plan, hw, name):
             f"checkpointing={'on' if t['checkpointing'] else 'off'} fits={'yes' if plan['fits'] else 'no'}"]
 
 
-def why_it_does_not_fit(plan, hw, config, name, lora_rank):
+def why_it_does_not_fit(plan, hw, name, lora_rank):
     """The one line a run that can't fit stops with: what is needed, and what would fit."""
-    g, t, usable, c = plan["generation"], plan["training"], plan["usable"], config.get_text_config()
+    g, t, usable, heads = plan["generation"], plan["training"], plan["usable"], plan["heads"]
     parts = []
     if total(g) > usable:
         # the fewest GPUs that would hold it: a tensor-parallel group must divide the heads
-        heads = [c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads]
         need = math.ceil(g["tp"] * total(g) / usable)
         gpus = next((t for t in range(need, heads[0] + 1) if all(h % t == 0 for h in heads)), None)
         parts.append(f"generation needs {total(g) / GB:.3g} GB a GPU over {g['tp']} GPU(s) (weights "
@@ -1130,7 +1129,9 @@ def stage(rdir, name, stats, acc, compute):
     seconds = time.time() - t0
     made = read_jsonl(raw)[before:] if raw.exists() else []   # what this process generated
     tokens = sum(r["tokens"] for r in made)
-    stats.update(st, **{f"time_{name}": round(seconds, 1)}, **{f"tok_s_{name}": round(tokens / seconds, 1)} if made else {})
+    stats.update(st, **{f"time_{name}": round(seconds, 1)})
+    if made:
+        stats[f"tok_s_{name}"] = round(tokens / seconds, 1)
     if acc.is_main_process:   # stats first: if killed between the two, the stage reruns
         write_file(rdir / "stats.json", json.dumps(stats, indent=1))
         write_jsonl(path, rows)
@@ -1145,7 +1146,8 @@ def assess(judge, tok, pairs, path, *, acc, args, place, rnd):
     if args.threshold < 1 or not pairs:
         return pairs, {}
     keys = score_keys(args.assess)
-    scored = self_assess(judge, tok, pairs, path, acc=acc, args=args, place=place, rnd=rnd, assess=args.assess)
+    scored = self_assess(judge, tok, pairs, path, acc=acc, args=args, place=place, rnd=rnd,
+                         assess=args.assess)
     return scored, dict(unparsable=sum(any(p[k] is None for k in keys) for p in scored),
                         scored=sum(all(p[k] is not None for k in keys) for p in scored))
 
@@ -1430,7 +1432,7 @@ def place_models(args, base_ref):
     name = base_ref[1] or base_ref[0]
     print0("\n".join(plan_lines(plan, hw, name)))
     if not plan["fits"]:
-        die(why_it_does_not_fit(plan, hw, config, name, args.lora_rank))
+        die(why_it_does_not_fit(plan, hw, name, args.lora_rank))
     fsdp = None
     if plan["training"]["sharding"] == "fsdp2" and not user_fsdp:
         fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
@@ -1456,7 +1458,7 @@ def show_plan(args):
     plan = plan_placement(config, args.plan, args)
     print("\n".join(plan_lines(plan, args.plan, name)), flush=True)
     if not plan["fits"]:
-        die(why_it_does_not_fit(plan, args.plan, config, name, args.lora_rank))
+        die(why_it_does_not_fit(plan, args.plan, name, args.lora_rank))
 
 
 def report_round(stats, rounds, heldout, *, acc, args):
