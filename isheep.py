@@ -2193,9 +2193,9 @@ class Decode:
                 return None
         return self.graphs[batch]
 
-    # The tensor-parallel process group; None: torch's default, every rank.
     @property
     def group(self):
+        """The tensor-parallel process group; None: torch's default, every rank."""
         return None if self.tp is True else self.tp
 
     def agree(self, ok):
@@ -2256,8 +2256,8 @@ class SlotCache:
         self.pos[first:first + len(prompts)] = width - shift
         return logits
 
-    # Slots src to slots dst: their first `columns` columns and their state.
     def move(self, src, dst, columns):
+        """Slots src to slots dst: their first `columns` columns and their state."""
         src, dst = (torch.tensor(x, device=self.pos.device) for x in (src, dst))
         for k, v in self.kv.values():
             k[dst, :columns], v[dst, :columns] = k[src, :columns], v[src, :columns]
@@ -2364,9 +2364,9 @@ def graph_rows(rows, slots):
     return min(slots, 1 << (rows - 1).bit_length() if rows <= 16 else -(-rows // step) * step)
 
 
-# Every capture warms up and records on it: lazy state is made once.
 @functools.cache
 def side_stream(device):
+    """The one stream every capture warms up and records on: lazy state is made once."""
     return torch.cuda.Stream(device)
 
 
