@@ -1236,7 +1236,8 @@ METRICS = [
     ("eval_adherence_parsed", "", "eval/adherence_parsed"),
     ("eval_nll", "eval_nll", "eval/nll"),
 ]
-FUNNEL = [key for key, _, tag in METRICS if tag.startswith("funnel/") and key != "kept_share"]
+# the funnel's counts, as a round's line and the final table show them
+FUNNEL = [key for key, column, tag in METRICS if tag.startswith("funnel/") and column]
 
 
 class Interrupted(KeyboardInterrupt):
