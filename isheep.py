@@ -755,8 +755,8 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, place, rnd, first_step=0,
     model, optimizer = acc.prepare(model, optimizer)
     optimizer.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
     # 3) the epochs
-    losses = train_epochs(model, optimizer, scheduler, examples, acc=acc, args=args, rnd=rnd,
-                          first_step=first_step, tracking=tracking)
+    losses = train_epochs(model, optimizer, scheduler, examples, total, acc=acc, args=args,
+                          rnd=rnd, first_step=first_step, tracking=tracking)
     # 4) the merged model, saved
     save_model(model, tok, save_dir, acc=acc, lora_scale=args.lora_alpha / max(args.lora_rank, 1),
                progress=not args.no_progress)
@@ -765,12 +765,12 @@ def sft(model_ref, tok, pairs, save_dir, *, acc, args, place, rnd, first_step=0,
     return losses, len(pairs) - len(examples)
 
 
-def train_epochs(model, optimizer, scheduler, examples, *, acc, args, rnd, first_step, tracking):
-    """args.epochs passes over the examples, each in its own seeded order: each step's loss.
-    first_step counts earlier rounds' steps, so that the trackers' SFT curves run on across
-    rounds."""
+def train_epochs(model, optimizer, scheduler, examples, total, *, acc, args, rnd, first_step,
+                 tracking):
+    """args.epochs passes over the examples (total steps), each in its own seeded order: each
+    step's loss. first_step counts earlier rounds' steps, so that the trackers' SFT curves run on
+    across rounds."""
     model.train()
-    total = args.epochs * math.ceil(len(examples) / args.batch_size)
     losses, bar = [], tqdm(total=total, desc=f"round {rnd} sft", unit="step", dynamic_ncols=True,
                            disable=not acc.is_main_process or args.no_progress)
     t0, n_tokens = time.time(), 0
